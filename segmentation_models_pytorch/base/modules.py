@@ -1,0 +1,258 @@
+"""Building blocks shared by decoders: conv-norm-act, normalisation factory, attention, activations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NormSpec = Union[bool, str, Dict[str, Any]]
+SUPPORTED_NORMS = ("batchnorm", "inplace", "groupnorm", "layernorm", "instancenorm", "identity")
+
+
+class InPlaceABN(nn.BatchNorm2d):
+    """BatchNorm followed by a (leaky) ReLU, standing in for ``inplace_abn.InPlaceABN``.
+
+    It has the same parameters and buffers as BatchNorm2d, which is exactly the state-dict layout
+    of ``inplace_abn``'s module, so checkpoints move freely between the two. When the ``inplace_abn``
+    package is installed, :func:`get_norm_layer` uses the real memory-saving implementation instead.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = True,
+        activation: str = "leaky_relu",
+        activation_param: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, **kwargs)
+        if activation not in ("leaky_relu", "elu", "identity"):
+            raise ValueError(f"InPlaceABN activation must be leaky_relu, elu or identity, got {activation!r}.")
+        self.activation = activation
+        self.activation_param = activation_param
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(x, self.activation_param, inplace=True)
+        if self.activation == "elu":
+            return F.elu(x, self.activation_param, inplace=True)
+        return x
+
+
+def _inplace_abn_class() -> type:
+    try:
+        from inplace_abn import InPlaceABN as RealInPlaceABN  # optional, CUDA-only speed-up
+
+        return RealInPlaceABN
+    except ImportError:
+        return InPlaceABN
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of an NCHW tensor (what a decoder needs).
+
+    SMP 0.6.0 applies ``nn.LayerNorm(C)`` to NCHW maps, which normalises over the *width* and fails
+    unless ``W == C``. This module has the same parameters (``weight``, ``bias`` of shape ``(C,)``),
+    so checkpoints are interchangeable.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _default_groups(channels: int, preferred: int = 32) -> int:
+    """The largest group count <= ``preferred`` that divides ``channels``."""
+    return math.gcd(channels, preferred) if channels % preferred else preferred
+
+
+def _norm_params(use_norm: NormSpec) -> Dict[str, Any]:
+    if use_norm is True:
+        return {"type": "batchnorm"}
+    if use_norm is False or use_norm is None:
+        return {"type": "identity"}
+    if isinstance(use_norm, str):
+        kind = use_norm.lower()
+        if kind == "inplace":
+            return {"type": "inplace", "activation": "leaky_relu", "activation_param": 0.0}
+        return {"type": kind}
+    if isinstance(use_norm, dict):
+        if "type" not in use_norm:
+            raise ValueError(
+                f"decoder_use_norm dict {use_norm} needs a 'type' key, e.g. {{'type': 'groupnorm', "
+                "'num_groups': 8}."
+            )
+        return {**use_norm, "type": str(use_norm["type"]).lower()}
+    raise ValueError(
+        f"decoder_use_norm must be a bool, one of {SUPPORTED_NORMS} or a dict like "
+        f"{{'type': 'batchnorm', ...}}; got {use_norm!r}."
+    )
+
+
+def get_norm_layer(use_norm: NormSpec, out_channels: int) -> nn.Module:
+    """Create the normalisation layer described by ``use_norm`` for ``out_channels`` channels.
+
+    ``use_norm`` is ``True`` (batchnorm), ``False`` (identity), a name from :data:`SUPPORTED_NORMS`,
+    or a dict ``{"type": name, **kwargs}`` whose extra keys go to the layer (e.g. ``num_groups`` for
+    groupnorm, ``eps``/``momentum`` for batchnorm).
+    """
+    params = _norm_params(use_norm)
+    kind = params.pop("type")
+    if kind not in SUPPORTED_NORMS:
+        raise ValueError(f"Unknown normalisation {kind!r}; supported: {', '.join(SUPPORTED_NORMS)}.")
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(out_channels, **params)
+    if kind == "inplace":
+        return _inplace_abn_class()(out_channels, **params)
+    if kind == "groupnorm":
+        groups = params.pop("num_groups", params.pop("groups", None)) or _default_groups(out_channels)
+        if out_channels % groups:
+            raise ValueError(f"groupnorm: {out_channels} channels are not divisible into {groups} groups.")
+        return nn.GroupNorm(groups, out_channels, **params)
+    if kind == "layernorm":
+        return LayerNorm2d(out_channels, **params)
+    if kind == "instancenorm":
+        return nn.InstanceNorm2d(out_channels, **params)
+    return nn.Identity()
+
+
+def norm_has_activation(norm: nn.Module) -> bool:
+    """Whether a norm layer applies its own activation (InPlaceABN variants)."""
+    return type(norm).__name__ in ("InPlaceABN", "InPlaceABNSync", "ABN")
+
+
+class Conv2dReLU(nn.Sequential):
+    """Conv -> norm -> ReLU; the conv has a bias only when there is no norm to absorb it."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        padding: int = 0,
+        stride: int = 1,
+        use_norm: NormSpec = "batchnorm",
+    ) -> None:
+        norm = get_norm_layer(use_norm, out_channels)
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            bias=isinstance(norm, nn.Identity),
+        )
+        act = nn.Identity() if norm_has_activation(norm) else nn.ReLU(inplace=True)
+        super().__init__(conv, norm, act)
+
+
+class SCSEModule(nn.Module):
+    """Concurrent spatial and channel squeeze & excitation (Roy et al., 2018)."""
+
+    def __init__(self, in_channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = in_channels // reduction
+        if hidden < 1:
+            raise ValueError(f"scse attention needs at least {reduction} channels, got {in_channels}.")
+        self.cSE = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, in_channels, 1),
+            nn.Sigmoid(),
+        )
+        self.sSE = nn.Sequential(nn.Conv2d(in_channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.cSE(x) + self.sSE(x))
+
+
+class Attention(nn.Module):
+    """Optional attention after a decoder block: ``None`` (identity) or ``"scse"``."""
+
+    def __init__(self, name: Optional[str], **params: Any) -> None:
+        super().__init__()
+        if name is None:
+            self.attention = nn.Identity()
+        elif name == "scse":
+            self.attention = SCSEModule(**params)
+        else:
+            raise ValueError(f"Unknown attention type {name!r}; supported: None, 'scse'.")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x)
+
+
+class ArgMax(nn.Module):
+    def __init__(self, dim: Optional[int] = None) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(x, dim=self.dim)
+
+
+class Clamp(nn.Module):
+    def __init__(self, min: float = 0, max: float = 1) -> None:  # noqa: A002 - SMP's argument names
+        super().__init__()
+        self.min, self.max = min, max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.min, self.max)
+
+
+class _Lambda(nn.Module):
+    """Wraps a plain function (e.g. ``torch.sigmoid``) given as an activation."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+ACTIVATIONS = ("identity", "sigmoid", "softmax", "softmax2d", "logsoftmax", "tanh", "argmax", "argmax2d", "clamp")
+
+
+class Activation(nn.Module):
+    """Activation applied to a head's output, chosen by name or given as a callable."""
+
+    def __init__(self, name: Union[None, str, Callable], **params: Any) -> None:
+        super().__init__()
+        if name is None or name == "identity":
+            self.activation: nn.Module = nn.Identity()
+        elif name == "sigmoid":
+            self.activation = nn.Sigmoid()
+        elif name == "softmax2d":
+            self.activation = nn.Softmax(dim=1, **params)
+        elif name == "softmax":
+            self.activation = nn.Softmax(**{"dim": 1, **params})
+        elif name == "logsoftmax":
+            self.activation = nn.LogSoftmax(**{"dim": 1, **params})
+        elif name == "tanh":
+            self.activation = nn.Tanh()
+        elif name == "argmax":
+            self.activation = ArgMax(**params)
+        elif name == "argmax2d":
+            self.activation = ArgMax(dim=1, **params)
+        elif name == "clamp":
+            self.activation = Clamp(**params)
+        elif isinstance(name, nn.Module):
+            self.activation = name
+        elif isinstance(name, type) and callable(name):
+            self.activation = name(**params)
+        elif callable(name):
+            self.activation = _Lambda(name)
+        else:
+            raise ValueError(
+                f"Unknown activation {name!r}; use None or one of {', '.join(ACTIVATIONS)}, or pass a "
+                "callable (an nn.Module class or instance, or a function)."
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(x)

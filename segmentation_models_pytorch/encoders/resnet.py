@@ -1,0 +1,145 @@
+"""ResNet and ResNeXt encoders (torchvision networks, SMP's weight names and layout)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._base import EncoderMixin
+from ._registry import hub
+
+
+def _block_class(block: Union[str, type]) -> type:
+    from torchvision.models import resnet as tv
+
+    if isinstance(block, str):
+        return {"basic": tv.BasicBlock, "bottleneck": tv.Bottleneck}[block]
+    return block  # SMP-style hand-made entries pass the torchvision class itself
+
+
+class ResNetEncoder(nn.Module, EncoderMixin):
+    """torchvision ResNet/ResNeXt without its classifier, returning one feature per stride."""
+
+    _ignored_weight_prefixes = ("fc.",)
+
+    def __init__(
+        self,
+        out_channels: Sequence[int],
+        block: Union[str, type] = "basic",
+        layers: Sequence[int] = (2, 2, 2, 2),
+        depth: int = 5,
+        output_stride: int = 32,
+        groups: int = 1,
+        width_per_group: int = 64,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if not 1 <= depth <= 5:
+            raise ValueError(f"{type(self).__name__} depth should be in range [1, 5], got {depth}")
+        from torchvision.models.resnet import ResNet
+
+        net = ResNet(
+            _block_class(block), list(layers), groups=groups, width_per_group=width_per_group, **kwargs
+        )
+        # Adopt the backbone's modules under the same attribute names: they are the checkpoint keys.
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(net, name))
+        self._depth = depth
+        self._in_channels = 3
+        self._out_channels = list(out_channels)
+        self._output_stride = output_stride
+
+    def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
+        return {16: [self.layer3], 32: [self.layer4]}
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        features = [x]
+        if self._depth >= 1:
+            x = self.relu(self.bn1(self.conv1(x)))
+            features.append(x)
+        if self._depth >= 2:
+            x = self.layer1(self.maxpool(x))
+            features.append(x)
+        if self._depth >= 3:
+            x = self.layer2(x)
+            features.append(x)
+        if self._depth >= 4:
+            x = self.layer3(x)
+            features.append(x)
+        if self._depth >= 5:
+            x = self.layer4(x)
+            features.append(x)
+        return features
+
+
+_BASIC = [3, 64, 64, 128, 256, 512]
+_BOTTLENECK = [3, 64, 256, 512, 1024, 2048]
+
+# name -> (block, layers, groups, width_per_group, {weights name: (hub repo revision)})
+_SPECS = {
+    "resnet18": ("basic", [2, 2, 2, 2], 1, 64, {
+        "imagenet": "3f2325ff978283d47aa6a1d6878ca20565622683",
+        "ssl": "d600d5116aac2e6e595f99f40612074c723c00b2",
+        "swsl": "0e3a35d4d8e344088c14a96eee502a88ac70eae1",
+    }),
+    "resnet34": ("basic", [3, 4, 6, 3], 1, 64, {
+        "imagenet": "7a57b34f723329ff020b3f8bc41771163c519d0c",
+    }),
+    "resnet50": ("bottleneck", [3, 4, 6, 3], 1, 64, {
+        "imagenet": "00cb74e366966d59cd9a35af57e618af9f88efe9",
+        "ssl": "d07daf5b4377f3700c6ac61906b0aafbc4eca46b",
+        "swsl": "b9520cce124f91c6fe7eee45721a2c7954f0d8c0",
+    }),
+    "resnet101": ("bottleneck", [3, 4, 23, 3], 1, 64, {
+        "imagenet": "cd7c15e8c51da86ae6a084515fdb962d0c94e7d1",
+    }),
+    "resnet152": ("bottleneck", [3, 8, 36, 3], 1, 64, {
+        "imagenet": "951dd835e9d086628e447b484584c8983f9e1dd0",
+    }),
+    "resnext50_32x4d": ("bottleneck", [3, 4, 6, 3], 32, 4, {
+        "imagenet": "329793c85d62fd340ae42ae39fb905a63df872e7",
+        "ssl": "9b67cff77d060c7044493a58c24d1007c1eb06c3",
+        "swsl": "52e6e49da61b8e26ca691e1aef2cbb952884057d",
+    }),
+    "resnext101_32x4d": ("bottleneck", [3, 4, 23, 3], 32, 4, {
+        "ssl": "b39796c8459084d13523b7016c3ef13a2e9e472b",
+        "swsl": "3f8355b4892a31f001a832b49b2b01484d48516a",
+    }),
+    "resnext101_32x8d": ("bottleneck", [3, 4, 23, 3], 32, 8, {
+        "imagenet": "221af6198d03a4ee88992f78a1ee81b46a52d339",
+        "instagram": "44cd927aa6e64673ffe9d31230bad44abc18b823",
+        "ssl": "723a95ddeed335c9488c37c6cbef13d779ac8f97",
+        "swsl": "58cf0bb65f91365470398080d9588b187d1777c4",
+    }),
+    "resnext101_32x16d": ("bottleneck", [3, 4, 23, 3], 32, 16, {
+        "instagram": "64e8e320eeae6501185b0627b2429a68e52d050c",
+        "ssl": "1283fe03fbb6aa2599b2df24095255acb93c3d5c",
+        "swsl": "30ba61bbd4d6af0d955c513dbb4f557b84eb094f",
+    }),
+    "resnext101_32x32d": ("bottleneck", [3, 4, 23, 3], 32, 32, {
+        "instagram": "c9405de121fdaa275a89de470fb19409e3eeaa86",
+    }),
+    "resnext101_32x48d": ("bottleneck", [3, 4, 23, 3], 32, 48, {
+        "instagram": "53e61a962b824ad7027409821f9ac3e3336dd024",
+    }),
+}
+
+# All these weights expect ImageNet-normalised RGB in [0, 1].
+ENCODERS = resnet_encoders = {
+    name: {
+        "encoder": ResNetEncoder,
+        "pretrained_settings": {
+            weights: hub(f"smp-hub/{name}.{weights}", revision)
+            for weights, revision in revisions.items()
+        },
+        "params": {
+            "out_channels": list(_BASIC if block == "basic" else _BOTTLENECK),
+            "block": block,
+            "layers": layers,
+            **({"groups": groups, "width_per_group": width} if groups != 1 else {}),
+        },
+    }
+    for name, (block, layers, groups, width, revisions) in _SPECS.items()
+}
