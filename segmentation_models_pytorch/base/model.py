@@ -123,7 +123,7 @@ class SegmentationModel(nn.Module):
         self.initialize()
 
     def _classification_head(self, aux_params: Optional[Mapping[str, Any]]) -> Optional[nn.Module]:
-        if aux_params is None:
+        if not aux_params:  # None or {} (SMP's PSPNet also treats an empty dict as "no head")
             return None
         if not isinstance(aux_params, Mapping):
             raise TypeError(f"aux_params must be a dict like {{'classes': 4}}, got {aux_params!r}.")

@@ -168,7 +168,7 @@ class SCSEModule(nn.Module):
         self.sSE = nn.Sequential(nn.Conv2d(in_channels, 1, 1), nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (self.cSE(x) + self.sSE(x))
+        return x * self.cSE(x) + x * self.sSE(x)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,200 @@
+"""FPN (Kirillov et al., 2019, panoptic FPN head): a feature pyramid merged at stride 4.
+
+Blocks -> FPNDecoder -> FPN.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _compat
+from ..base.model import SegmentationModel, feature_strides
+
+
+class Conv3x3GNReLU(nn.Module):
+    """3x3 conv, GroupNorm(32), ReLU, then optionally x2 bilinear up-sampling."""
+
+    def __init__(self, in_channels: int, out_channels: int, upsample: bool = False) -> None:
+        super().__init__()
+        self.upsample = upsample
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(32, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(x)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+        return x
+
+
+class FPNBlock(nn.Module):
+    """Top-down step: upsample the coarser level to the skip's size and add the projected skip."""
+
+    def __init__(self, pyramid_channels: int, skip_channels: int, interpolation_mode: str = "nearest") -> None:
+        super().__init__()
+        self.skip_conv = nn.Conv2d(skip_channels, pyramid_channels, kernel_size=1)
+        self.interpolation_mode = interpolation_mode
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=(skip.shape[-2], skip.shape[-1]), mode=self.interpolation_mode)
+        return x + self.skip_conv(skip)
+
+
+class SegmentationBlock(nn.Module):
+    """``n_upsamples`` conv blocks that bring one pyramid level to stride 4 (at least one conv)."""
+
+    def __init__(self, in_channels: int, out_channels: int, n_upsamples: int = 0) -> None:
+        super().__init__()
+        blocks = [Conv3x3GNReLU(in_channels, out_channels, upsample=bool(n_upsamples))]
+        blocks += [Conv3x3GNReLU(out_channels, out_channels, upsample=True) for _ in range(1, n_upsamples)]
+        self.block = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class MergeBlock(nn.Module):
+    """Merge the pyramid levels by sum (``"add"``) or channel concatenation (``"cat"``)."""
+
+    def __init__(self, policy: Literal["add", "cat"]) -> None:
+        super().__init__()
+        if policy not in ("add", "cat"):
+            raise ValueError(f"decoder_merge_policy must be 'add' or 'cat', got {policy!r}.")
+        self.policy = policy
+
+    def forward(self, x: List[torch.Tensor]) -> torch.Tensor:
+        if self.policy == "cat":
+            return torch.cat(x, dim=1)
+        out = x[0]
+        for t in x[1:]:
+            out = out + t
+        return out
+
+
+class FPNDecoder(nn.Module):
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        encoder_depth: int = 5,
+        pyramid_channels: int = 256,
+        segmentation_channels: int = 128,
+        dropout: float = 0.2,
+        merge_policy: Literal["add", "cat"] = "add",
+        interpolation_mode: str = "nearest",
+    ) -> None:
+        super().__init__()
+        if encoder_depth < 3:
+            raise ValueError(f"FPN needs encoder_depth >= 3 (four pyramid levels), got {encoder_depth}.")
+        if segmentation_channels % 32:
+            raise ValueError(
+                f"decoder_segmentation_channels must be a multiple of 32 (GroupNorm with 32 groups), "
+                f"got {segmentation_channels}."
+            )
+        self.out_channels = segmentation_channels * (4 if merge_policy == "cat" else 1)
+        c5, c4, c3, c2 = list(encoder_channels[::-1])[:4]
+        if 0 in (c4, c3, c2):
+            raise ValueError(
+                "This encoder has no stride-2 feature (0-channel placeholder), so FPN needs "
+                "encoder_depth=5 with it."
+            )
+        self.p5 = nn.Conv2d(c5, pyramid_channels, kernel_size=1)
+        self.p4 = FPNBlock(pyramid_channels, c4, interpolation_mode)
+        self.p3 = FPNBlock(pyramid_channels, c3, interpolation_mode)
+        self.p2 = FPNBlock(pyramid_channels, c2, interpolation_mode)
+        self.seg_blocks = nn.ModuleList(
+            SegmentationBlock(pyramid_channels, segmentation_channels, n_upsamples=n) for n in (3, 2, 1, 0)
+        )
+        self.merge = MergeBlock(merge_policy)
+        self.dropout = nn.Dropout2d(p=dropout, inplace=True)
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        c2, c3, c4, c5 = features[-4:]
+        p5 = self.p5(c5)
+        p4 = self.p4(p5, c4)
+        p3 = self.p3(p4, c3)
+        p2 = self.p2(p3, c2)
+        levels = [block(p) for block, p in zip(self.seg_blocks, (p5, p4, p3, p2))]
+        return self.dropout(self.merge(levels))
+
+
+class FPN(SegmentationModel):
+    """FPN: a feature pyramid decoder merged at 1/4 of the input resolution.
+
+    Args:
+        encoder_name: backbone name or ``"tu-<timm model>"``.
+        encoder_depth: encoder stages used (3..5); the pyramid uses the deepest four features.
+        encoder_weights: weights name, local path / state dict, or ``None``.
+        decoder_pyramid_channels: channels of the pyramid levels.
+        decoder_segmentation_channels: channels of each level after its conv blocks (multiple of 32).
+        decoder_merge_policy: ``"add"`` or ``"cat"`` to merge the levels.
+        decoder_dropout: spatial dropout before the head.
+        decoder_interpolation: top-down up-sampling mode.
+        in_channels: channels of the input images.
+        classes: number of output mask channels.
+        activation: activation of the mask (name, callable or ``None``).
+        upsampling: up-sampling of the stride-4 pyramid output; with the default 4 the mask has the
+            input's size at every ``encoder_depth`` (SMP 0.6.0 returns 2-4x the input size at depth
+            3-4). In general the mask is ``upsampling / 4`` times the input size.
+        aux_params: optional classification head parameters (see ``Unet``).
+        **kwargs: forwarded to the encoder.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet34",
+        encoder_depth: int = 5,
+        encoder_weights: Optional[str] = "imagenet",
+        decoder_pyramid_channels: int = 256,
+        decoder_segmentation_channels: int = 128,
+        decoder_merge_policy: str = "add",
+        decoder_dropout: float = 0.2,
+        decoder_interpolation: str = "nearest",
+        in_channels: int = 3,
+        classes: int = 1,
+        activation: Optional[str] = None,
+        upsampling: int = 4,
+        aux_params: Optional[dict] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
+        self.decoder = FPNDecoder(
+            encoder_channels=encoder.out_channels,
+            encoder_depth=encoder_depth,
+            pyramid_channels=decoder_pyramid_channels,
+            segmentation_channels=decoder_segmentation_channels,
+            dropout=decoder_dropout,
+            merge_policy=decoder_merge_policy,
+            interpolation_mode=decoder_interpolation,
+        )
+        # The pyramid's finest level sits at the stride of the 4th-deepest feature (4 at depth 5).
+        head_scale = head_upsampling(upsampling, feature_strides(encoder)[-4], reference_stride=4)
+        self.build_heads(self.decoder.out_channels, classes, activation, aux_params, 1, head_scale)
+        self.name = f"fpn-{encoder_name}"
+
+
+def head_upsampling(upsampling: float, decoder_stride: int, reference_stride: int) -> float:
+    """Head up-sampling so that the mask is ``upsampling / reference_stride`` times the input size.
+
+    At the architecture's default depth ``decoder_stride == reference_stride`` and this returns
+    ``upsampling`` unchanged, exactly as in SMP.
+    """
+    scale = upsampling * decoder_stride / reference_stride
+    if scale < 1 and upsampling >= 1:
+        scale = 1
+    if scale != int(scale):
+        raise ValueError(
+            f"upsampling={upsampling} gives a fractional head scale ({scale}) for this encoder depth; "
+            f"use a multiple of {reference_stride // max(1, decoder_stride)}."
+        )
+    return int(scale)
+
+
+_compat.alias_submodules(__name__, ("model", "decoder"))

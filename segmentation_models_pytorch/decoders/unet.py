@@ -1,0 +1,175 @@
+"""Unet (Ronneberger et al., 2015): a decoder that upsamples step by step and fuses skip connections.
+
+Blocks -> UnetDecoder -> Unet. The decoder resizes to each skip's exact size, so any input size
+works without padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _compat
+from ..base import modules as md
+from ..base.model import SegmentationModel, decoder_norm
+
+
+class UnetCenterBlock(nn.Sequential):
+    """Two 3x3 conv-norm-ReLU on the deepest feature (used with VGG encoders)."""
+
+    def __init__(self, in_channels: int, out_channels: int, use_norm: md.NormSpec = "batchnorm") -> None:
+        super().__init__(
+            md.Conv2dReLU(in_channels, out_channels, kernel_size=3, padding=1, use_norm=use_norm),
+            md.Conv2dReLU(out_channels, out_channels, kernel_size=3, padding=1, use_norm=use_norm),
+        )
+
+
+class UnetDecoderBlock(nn.Module):
+    """Upsample to the skip's size, concatenate the skip, then two 3x3 conv-norm-ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        skip_channels: int,
+        out_channels: int,
+        use_norm: md.NormSpec = "batchnorm",
+        attention_type: Optional[str] = None,
+        interpolation_mode: str = "nearest",
+    ) -> None:
+        super().__init__()
+        self.interpolation_mode = interpolation_mode
+        self.conv1 = md.Conv2dReLU(
+            in_channels + skip_channels, out_channels, kernel_size=3, padding=1, use_norm=use_norm
+        )
+        self.attention1 = md.Attention(attention_type, in_channels=in_channels + skip_channels)
+        self.conv2 = md.Conv2dReLU(out_channels, out_channels, kernel_size=3, padding=1, use_norm=use_norm)
+        self.attention2 = md.Attention(attention_type, in_channels=out_channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        target_height: int,
+        target_width: int,
+        skip: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        x = F.interpolate(x, size=(target_height, target_width), mode=self.interpolation_mode)
+        if skip is not None:
+            x = self.attention1(torch.cat([x, skip], dim=1))
+        x = self.conv2(self.conv1(x))
+        return self.attention2(x)
+
+
+class UnetDecoder(nn.Module):
+    """One block per encoder stage, deepest first; the last block reaches the input resolution."""
+
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        decoder_channels: Sequence[int],
+        n_blocks: int = 5,
+        use_norm: md.NormSpec = "batchnorm",
+        attention_type: Optional[str] = None,
+        add_center_block: bool = False,
+        interpolation_mode: str = "nearest",
+    ) -> None:
+        super().__init__()
+        if n_blocks != len(decoder_channels):
+            raise ValueError(
+                f"decoder_channels must have one entry per encoder stage: encoder_depth={n_blocks} "
+                f"but decoder_channels={tuple(decoder_channels)} has {len(decoder_channels)}."
+            )
+        if interpolation_mode not in _INTERPOLATIONS:
+            raise ValueError(
+                f"decoder_interpolation must be one of {_INTERPOLATIONS}, got {interpolation_mode!r}."
+            )
+        # Deepest feature first; the stride-1 "feature" (the input itself) is never a skip.
+        skips = list(encoder_channels[1:])[::-1]
+        head_channels = skips[0]
+        in_channels = [head_channels, *decoder_channels[:-1]]
+        skip_channels = [*skips[1:], 0]
+        self.center = (
+            UnetCenterBlock(head_channels, head_channels, use_norm=use_norm) if add_center_block else nn.Identity()
+        )
+        self.blocks = nn.ModuleList(
+            UnetDecoderBlock(i, s, o, use_norm, attention_type, interpolation_mode)
+            for i, s, o in zip(in_channels, skip_channels, decoder_channels)
+        )
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        sizes = [f.shape[2:] for f in features][::-1]
+        skips = features[1:][::-1]
+        x = self.center(skips[0])
+        for i, block in enumerate(self.blocks):
+            skip = skips[i + 1] if i + 1 < len(skips) else None
+            x = block(x, int(sizes[i + 1][0]), int(sizes[i + 1][1]), skip)
+        return x
+
+
+_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+
+
+class Unet(SegmentationModel):
+    """Unet: an encoder with a symmetric decoder joined by skip connections.
+
+    Args:
+        encoder_name: backbone name (see ``smp.encoders.get_encoder_names()``) or ``"tu-<timm model>"``.
+        encoder_depth: number of encoder stages used (1..5); ``decoder_channels`` must have as many
+            entries.
+        encoder_weights: ``"imagenet"`` or another weights name of the encoder, a local file path or
+            state dict, or ``None`` for random initialisation.
+        decoder_use_norm: normalisation in decoder blocks: ``True``/``"batchnorm"``, ``False``/
+            ``"identity"``, ``"inplace"``, ``"groupnorm"``, ``"layernorm"``, ``"instancenorm"`` or a
+            dict ``{"type": name, **kwargs}``.
+        decoder_channels: output channels of each decoder block, deepest first.
+        decoder_attention_type: ``None`` or ``"scse"`` attention in each block.
+        decoder_interpolation: up-sampling mode (``"nearest"``, ``"bilinear"``, ``"bicubic"``,
+            ``"area"``, ``"nearest-exact"``).
+        in_channels: channels of the input images.
+        classes: number of output mask channels.
+        activation: activation of the mask (``"sigmoid"``, ``"softmax2d"``, ..., a callable or
+            ``None``).
+        aux_params: adds a classification head on the deepest feature: ``{"classes": N,
+            "pooling": "avg"|"max", "dropout": p, "activation": ...}``.
+        **kwargs: forwarded to the encoder (e.g. timm arguments for ``tu-`` encoders).
+
+    Returns:
+        ``torch.nn.Module``; ``forward`` returns the mask, or ``(mask, label)`` with ``aux_params``.
+    """
+
+    requires_divisible_input_shape = False
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet34",
+        encoder_depth: int = 5,
+        encoder_weights: Optional[str] = "imagenet",
+        decoder_use_norm: Union[bool, str, Dict[str, Any]] = "batchnorm",
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        decoder_attention_type: Optional[str] = None,
+        decoder_interpolation: str = "nearest",
+        in_channels: int = 3,
+        classes: int = 1,
+        activation: Optional[Union[str, Callable]] = None,
+        aux_params: Optional[dict] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
+        encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
+        self.decoder = UnetDecoder(
+            encoder_channels=encoder.out_channels,
+            decoder_channels=decoder_channels,
+            n_blocks=encoder_depth,
+            use_norm=decoder_use_norm,
+            add_center_block=getattr(encoder, "_unet_center_block", False),
+            attention_type=decoder_attention_type,
+            interpolation_mode=decoder_interpolation,
+        )
+        self.build_heads(decoder_channels[-1], classes, activation, aux_params, kernel_size=3)
+        self.name = f"u-{encoder_name}"
+
+
+_compat.alias_submodules(__name__, ("model", "decoder"))

@@ -1,0 +1,78 @@
+"""MobileNetV2 encoder (torchvision network, SMP's weight names and feature layout)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ._base import EncoderMixin
+from ._registry import hub
+
+
+class MobileNetV2Encoder(nn.Module, EncoderMixin):
+    """torchvision MobileNetV2 ``features`` (no classifier), one feature per stride.
+
+    Args:
+        out_channels: channels of the 6 features, input first.
+        depth: number of down-sampling stages to run (1..5).
+        output_stride: 32, or 16/8 once :meth:`make_dilated` has run (``get_encoder`` does it).
+        **kwargs: torchvision ``MobileNetV2`` arguments (``width_mult``, ``round_nearest``...).
+    """
+
+    _ignored_weight_prefixes = ("classifier.",)
+
+    def __init__(
+        self,
+        out_channels: Sequence[int],
+        depth: int = 5,
+        output_stride: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not 1 <= depth <= 5:
+            raise ValueError(f"{type(self).__name__} depth should be in range [1, 5], got {depth}")
+        from torchvision.models import MobileNetV2
+
+        self.features = MobileNetV2(**kwargs).features  # the classifier is left behind
+        # Indexes of the blocks whose outputs are the stride 2, 4, 8, 16 and 32 features.
+        self._out_indexes: List[int] = [1, 3, 6, 13, len(self.features) - 1]
+        self._depth = depth
+        self._in_channels = 3
+        self._out_channels = list(out_channels)
+        self._output_stride = output_stride
+
+    def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
+        return {16: [self.features[7:14]], 32: [self.features[14:]]}
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        features = [x]
+        for i, module in enumerate(self.features):
+            # Blocks past the deepest requested feature are skipped (a loop `break` would not
+            # script).
+            if len(features) <= self._depth:
+                x = module(x)
+                if i in self._out_indexes:
+                    features.append(x)
+        return features
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):
+        """Load weights; torchvision's classifier keys are dropped, as SMP does."""
+        prefixes = self._ignored_weight_prefixes
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# The weights expect ImageNet-normalised RGB in [0, 1].
+ENCODERS = mobilenet_encoders = {
+    "mobilenet_v2": {
+        "encoder": MobileNetV2Encoder,
+        "pretrained_settings": {
+            "imagenet": hub("smp-hub/mobilenet_v2.imagenet", "e67aa804e17f7b404b629127eabbd224c4e0690b"),
+        },
+        "params": {"out_channels": [3, 16, 24, 32, 96, 1280]},
+    }
+}

@@ -1,0 +1,43 @@
+"""Confusion-matrix based segmentation metrics (IoU, F-score, accuracy, ...)."""
+
+from .functional import (
+    accuracy,
+    balanced_accuracy,
+    f1_score,
+    false_discovery_rate,
+    false_negative_rate,
+    false_omission_rate,
+    false_positive_rate,
+    fbeta_score,
+    get_stats,
+    iou_score,
+    negative_likelihood_ratio,
+    negative_predictive_value,
+    positive_likelihood_ratio,
+    positive_predictive_value,
+    precision,
+    recall,
+    sensitivity,
+    specificity,
+)
+
+__all__ = [
+    "accuracy",
+    "balanced_accuracy",
+    "f1_score",
+    "false_discovery_rate",
+    "false_negative_rate",
+    "false_omission_rate",
+    "false_positive_rate",
+    "fbeta_score",
+    "get_stats",
+    "iou_score",
+    "negative_likelihood_ratio",
+    "negative_predictive_value",
+    "positive_likelihood_ratio",
+    "positive_predictive_value",
+    "precision",
+    "recall",
+    "sensitivity",
+    "specificity",
+]
