@@ -36,6 +36,11 @@ class EncoderMixin:
     _is_torch_exportable = True
     _is_torch_compilable = True
 
+    # Class-level defaults so encoders that never call EncoderMixin.__init__ (as in SMP's docs) work.
+    _depth = 5
+    _in_channels = 3
+    _output_stride = 32
+
     _has_stride2_feature = True
     _unet_center_block = False
     _min_depth = 1

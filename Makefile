@@ -1,0 +1,35 @@
+# The README's two commands are `make demo` and `make test`; both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-test demo test test-all lint docs bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -e ".[demo]"
+
+install-test: $(BIN)/python
+	$(BIN)/pip install -e ".[test]"
+
+demo: install
+	$(BIN)/python examples/train.py
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+test-all: install-test
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: install-test
+	$(BIN)/ruff check .
+
+docs: $(BIN)/python
+	$(BIN)/pip install -e ".[docs,test]"
+	$(BIN)/sphinx-build -W -b html docs docs/_build/html
+
+bench: install-test
+	$(BIN)/python benchmarks/compare_smp.py

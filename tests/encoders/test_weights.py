@@ -1,0 +1,168 @@
+"""Offline-first weight loading, exercised without the network: local HTTP server, file://, paths."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import segmentation_models_pytorch as smp
+from segmentation_models_pytorch.encoders import _weights, get_encoder
+
+NAME = "test_tiny_resnet"
+
+
+@pytest.fixture(scope="module")
+def reference_weights():
+    """A resnet18 encoder state dict (random) standing in for published weights."""
+    torch.manual_seed(0)
+    return get_encoder("resnet18").state_dict()
+
+
+@pytest.fixture
+def registered(tmp_path, reference_weights, monkeypatch):
+    """Register a resnet18 clone whose 'imagenet' weights live at a URL we control."""
+    monkeypatch.setenv("SMP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the suite default; these tests use 127.0.0.1
+    path = tmp_path / "srv" / "weights.pth"
+    path.parent.mkdir()
+    torch.save(reference_weights, path)
+    entry = dict(smp.encoders.encoders["resnet18"])
+    settings = {"imagenet": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    smp.encoders.encoders[NAME] = {**entry, "pretrained_settings": settings}
+    yield path, settings["imagenet"]
+    del smp.encoders.encoders[NAME]
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "srv"
+    root.mkdir(exist_ok=True)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _same(encoder, reference):
+    return all(torch.equal(encoder.state_dict()[k], v) for k, v in reference.items() if not k.startswith("fc."))
+
+
+def test_http_download_cache_and_hash(registered, http_server, reference_weights, tmp_path):
+    path, setting = registered
+    setting["url"] = f"{http_server}/weights.pth"
+    setting["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    setting["size"] = path.stat().st_size
+    enc = get_encoder(NAME, weights="imagenet")
+    assert _same(enc, reference_weights)
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and not any(p.name.endswith(".part") for p in cached)
+    # Second build is served from the cache even with the server's file gone.
+    path.unlink()
+    assert _same(get_encoder(NAME, weights="imagenet"), reference_weights)
+
+
+def test_corrupt_download_is_rejected_and_not_cached(registered, http_server, tmp_path):
+    path, setting = registered
+    setting["url"] = f"{http_server}/weights.pth"
+    setting["sha256"] = "0" * 64
+    with pytest.raises(_weights.WeightsUnavailableError, match="hash check"):
+        get_encoder(NAME, weights="imagenet")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_truncated_file_gives_clear_error(registered, tmp_path):
+    path, _ = registered
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(_weights.WeightsUnavailableError, match="truncated, corrupt"):
+        get_encoder("resnet18", weights=str(bad))
+
+
+def test_size_mismatch_gives_clear_error(registered, http_server):
+    path, setting = registered
+    setting["url"] = f"{http_server}/weights.pth"
+    setting["size"] = path.stat().st_size + 1
+    with pytest.raises(_weights.WeightsUnavailableError, match="truncated or corrupt"):
+        get_encoder(NAME, weights="imagenet")
+
+
+def test_unreachable_url_and_offline_mode(registered, monkeypatch):
+    _, setting = registered
+    setting["url"] = "http://127.0.0.1:9/weights.pth"  # discard port: nothing listens
+    with pytest.raises(_weights.WeightsUnavailableError, match="Could not download.*encoder_weights="):
+        get_encoder(NAME, weights="imagenet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(_weights.WeightsUnavailableError, match="Offline mode"):
+        get_encoder(NAME, weights="imagenet")
+
+
+def test_file_url_local_path_safetensors_and_state_dict(registered, reference_weights, tmp_path):
+    path, setting = registered
+    setting["url"] = path.as_uri()
+    assert _same(get_encoder(NAME, weights="imagenet"), reference_weights)
+    assert _same(get_encoder("resnet18", weights=str(path)), reference_weights)
+    assert _same(get_encoder("resnet18", weights=path.as_uri()), reference_weights)
+    st = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in reference_weights.items()}, str(st))
+    assert _same(get_encoder("resnet18", weights=st), reference_weights)
+    assert _same(get_encoder("resnet18", weights=dict(reference_weights)), reference_weights)
+    # Wrapped checkpoints ({"state_dict": ...}) as written by training loops.
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": reference_weights, "epoch": 3}, wrapped)
+    assert _same(get_encoder("resnet18", weights=wrapped), reference_weights)
+
+
+def test_pretrained_first_conv_patching(reference_weights):
+    w = reference_weights["conv1.weight"]
+    one = get_encoder("resnet18", in_channels=1, weights=dict(reference_weights))
+    assert torch.allclose(one.conv1.weight, w.sum(1, keepdim=True))
+    five = get_encoder("resnet18", in_channels=5, weights=dict(reference_weights))
+    expected = torch.cat([w, w[:, :2]], dim=1) * 3 / 5
+    assert torch.allclose(five.conv1.weight, expected)
+
+
+def test_wrong_shape_names_the_keys(reference_weights):
+    bad = dict(reference_weights)
+    bad["layer1.0.conv1.weight"] = torch.zeros(1, 1, 3, 3)
+    del bad["bn1.weight"]
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight.*missing keys: bn1\.weight"):
+        get_encoder("resnet18", weights=bad)
+
+
+def test_weights_never_run_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": Evil()}, path)
+    with pytest.raises(_weights.WeightsUnavailableError):
+        get_encoder("resnet18", weights=str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_fake_hf_hub_cache_offline(reference_weights, tmp_path, monkeypatch):
+    """A registry entry with repo_id + revision resolves from a pre-populated HF cache offline."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "models--smp-hub--fake.imagenet" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in reference_weights.items()}, str(snapshot / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"), raising=False)
+    setting = {"repo_id": "smp-hub/fake.imagenet", "revision": revision}
+    state = _weights.fetch_setting(setting)
+    assert torch.equal(state["conv1.weight"], reference_weights["conv1.weight"])
+    with pytest.raises(_weights.WeightsUnavailableError, match="(?s)smp-hub/missing.*huggingface-cli download"):
+        _weights.fetch_setting({"repo_id": "smp-hub/missing", "revision": revision})
