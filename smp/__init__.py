@@ -10,6 +10,13 @@ import segmentation_models_pytorch as _real
 _PREFIX, _TARGET = "smp.", "segmentation_models_pytorch."
 
 
+def _mirror() -> None:
+    """Expose every loaded ``segmentation_models_pytorch.X`` as ``smp.X`` (incl. path aliases)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(_TARGET):
+            sys.modules.setdefault(_PREFIX + name[len(_TARGET) :], module)
+
+
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves ``smp.<sub>`` to the already-importable ``segmentation_models_pytorch.<sub>``."""
 
@@ -19,7 +26,9 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        return importlib.import_module(_TARGET + spec.name[len(_PREFIX) :])
+        module = importlib.import_module(_TARGET + spec.name[len(_PREFIX) :])
+        _mirror()
+        return module
 
     def exec_module(self, module):
         pass
