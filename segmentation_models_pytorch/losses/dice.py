@@ -110,8 +110,8 @@ class _OverlapLoss(_Loss):
 
         Args:
             y_pred: ``(N, C, H, W)`` logits (or probabilities if ``from_logits=False``).
-            y_true: ``(N, H, W)`` class indices (binary/multiclass) or ``(N, C, H, W)``
-                binary masks (binary/multilabel).
+            y_true: ``(N, H, W)`` class indices (multiclass), or 0/1 masks with as many
+                elements as ``y_pred`` (binary/multilabel).
 
         Returns:
             Scalar loss.
