@@ -234,6 +234,9 @@ def fetch_setting(setting: Mapping[str, Any], progress: bool = True) -> StateDic
 
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Strictly load ``state_dict``; on mismatch, an error that names the offending keys."""
+    convert = getattr(module, "convert_state_dict", None)  # e.g. old torchvision DenseNet key names
+    if callable(convert):
+        state_dict = convert(dict(state_dict))
     ignored = tuple(getattr(module, "_ignored_weight_prefixes", ()))
     state_dict = {k: v for k, v in state_dict.items() if not (ignored and k.startswith(ignored))}
     own = module.state_dict()

@@ -8,7 +8,8 @@ Down-sampling uses pooling, so these encoders cannot be dilated.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,7 @@ class DenseNetEncoder(nn.Module, EncoderMixin):
             "DenseNet down-samples with pooling. Use output_stride=32 or another encoder."
         )
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         f = self.features
         features = [x]
         if self._depth >= 1:
@@ -89,7 +90,7 @@ class DenseNetEncoder(nn.Module, EncoderMixin):
         return features
 
     @staticmethod
-    def convert_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """Rename legacy torchvision keys (``denselayer1.norm.1``) to current ones (``norm1``)."""
         return {_LEGACY_KEY.sub(r"\1\2.", k): v for k, v in state_dict.items()}
 

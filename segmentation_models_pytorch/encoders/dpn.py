@@ -8,7 +8,8 @@ pair concatenated and passed through a ReLU, the deepest one is the network's fi
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from torch import nn
 from ._base import EncoderMixin
 from ._pretrainedmodels import backend
 from ._registry import hub
-
 
 
 class DPNEncoder(nn.Module, EncoderMixin):
@@ -67,11 +67,11 @@ class DPNEncoder(nn.Module, EncoderMixin):
         self._out_channels = list(out_channels)
         self._output_stride = output_stride
 
-    def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
+    def get_stages(self) -> dict[int, Sequence[nn.Module]]:
         s = self._stage_idxs
         return {16: [self.features[s[1] : s[2]]], 32: [self.features[s[2] : s[3]]]}
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         s = self._stage_idxs
         stem = self.features[0]
         features = [x]

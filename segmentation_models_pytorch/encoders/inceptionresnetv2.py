@@ -7,7 +7,8 @@ resolution. Down-sampling mixes pooling and convolution branches, so it cannot b
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,7 +70,7 @@ class InceptionResNetV2Encoder(nn.Module, EncoderMixin):
             "down-samples with pooling. Use output_stride=32 or another encoder."
         )
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = [x]
         if self._depth >= 1:
             x = self.conv2d_2b(self.conv2d_2a(self.conv2d_1a(x)))

@@ -7,7 +7,8 @@ resolution. Down-sampling mixes pooling and convolution branches, so it cannot b
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,10 +16,6 @@ from torch import nn
 from ._base import EncoderMixin
 from ._pretrainedmodels import backend, pad_for_halving
 from ._registry import HALF, hub
-
-
-        if isinstance(m, nn.MaxPool2d):
-            m.padding = (1, 1)
 
 
 class InceptionV4Encoder(nn.Module, EncoderMixin):
@@ -54,7 +51,7 @@ class InceptionV4Encoder(nn.Module, EncoderMixin):
         pad_for_halving(self)
         # Blocks whose outputs are the stride 2..32 features (stride 8 is read after the third of
         # the four Inception-A blocks, as SMP does).
-        self._out_indexes: List[int] = [2, 4, 8, 14, len(self.features) - 1]
+        self._out_indexes: list[int] = [2, 4, 8, 14, len(self.features) - 1]
         self._depth = depth
         self._in_channels = 3
         self._out_channels = list(out_channels)
@@ -66,7 +63,7 @@ class InceptionV4Encoder(nn.Module, EncoderMixin):
             "down-samples with pooling. Use output_stride=32 or another encoder."
         )
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = [x]
         for i, module in enumerate(self.features):
             # Blocks past the deepest requested feature are skipped (a loop `break` would not

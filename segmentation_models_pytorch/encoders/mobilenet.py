@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,16 +38,16 @@ class MobileNetV2Encoder(nn.Module, EncoderMixin):
 
         self.features = MobileNetV2(**kwargs).features  # the classifier is left behind
         # Indexes of the blocks whose outputs are the stride 2, 4, 8, 16 and 32 features.
-        self._out_indexes: List[int] = [1, 3, 6, 13, len(self.features) - 1]
+        self._out_indexes: list[int] = [1, 3, 6, 13, len(self.features) - 1]
         self._depth = depth
         self._in_channels = 3
         self._out_channels = list(out_channels)
         self._output_stride = output_stride
 
-    def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
+    def get_stages(self) -> dict[int, Sequence[nn.Module]]:
         return {16: [self.features[7:14]], 32: [self.features[14:]]}
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = [x]
         for i, module in enumerate(self.features):
             # Blocks past the deepest requested feature are skipped (a loop `break` would not

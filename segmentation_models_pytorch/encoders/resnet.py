@@ -54,6 +54,11 @@ class ResNetEncoder(nn.Module, EncoderMixin):
     def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
         return {16: [self.layer3], 32: [self.layer4]}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights; torchvision classifier keys (``fc.*``) are ignored, as in SMP."""
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(self._ignored_weight_prefixes)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         features = [x]
         if self._depth >= 1:

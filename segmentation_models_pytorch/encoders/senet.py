@@ -7,7 +7,8 @@ The backbone comes from the ``pretrainedmodels`` package, imported only when an 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ _BLOCKS = ("SEBottleneck", "SEResNetBottleneck", "SEResNeXtBottleneck")
 
 
 
-def _block_class(block: Union[str, type]) -> type:
+def _block_class(block: str | type) -> type:
     if not isinstance(block, str):
         return block  # SMP-style hand-made entries pass the class itself
     if block not in _BLOCKS:
@@ -51,7 +52,7 @@ class SENetEncoder(nn.Module, EncoderMixin):
         depth: int = 5,
         output_stride: int = 32,
         *,
-        block: Union[str, type],
+        block: str | type,
         layers: Sequence[int],
         **kwargs: Any,
     ) -> None:
@@ -72,10 +73,10 @@ class SENetEncoder(nn.Module, EncoderMixin):
         self._out_channels = list(out_channels)
         self._output_stride = output_stride
 
-    def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
+    def get_stages(self) -> dict[int, Sequence[nn.Module]]:
         return {16: [self.layer3], 32: [self.layer4]}
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = [x]
         if self._depth >= 1:
             x = self.layer0(x)

@@ -7,7 +7,8 @@ down-samples with max pooling only, so it cannot be dilated. Unet adds a center 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from ._registry import IMAGENET, hub
 
 # torchvision's layer configurations: ints are 3x3 convolutions, "M" a 2x2 max pooling.
 # fmt: off
-cfg: Dict[str, List[Union[int, str]]] = {
+cfg: dict[str, list[int | str]] = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
@@ -50,7 +51,7 @@ class VGGEncoder(nn.Module, EncoderMixin):
     def __init__(
         self,
         out_channels: Sequence[int],
-        config: Sequence[Union[int, str]],
+        config: Sequence[int | str],
         batch_norm: bool = False,
         depth: int = 5,
         output_stride: int = 32,
@@ -81,7 +82,7 @@ class VGGEncoder(nn.Module, EncoderMixin):
 
         # A feature is taken right before each pooling, plus the output of the last pooling.
         pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
-        self._out_indexes: List[int] = [i - 1 for i in pools] + [len(self.features) - 1]
+        self._out_indexes: list[int] = [i - 1 for i in pools] + [len(self.features) - 1]
         self._depth = depth
         self._in_channels = 3
         self._out_channels = list(out_channels)
@@ -104,8 +105,8 @@ class VGGEncoder(nn.Module, EncoderMixin):
             "down-samples with max pooling. Use output_stride=32 or another encoder."
         )
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        features: List[torch.Tensor] = []
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features: list[torch.Tensor] = []
         for i, module in enumerate(self.features):
             # Modules past the deepest requested feature are skipped (a loop `break` would not
             # script).

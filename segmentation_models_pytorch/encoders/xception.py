@@ -7,7 +7,8 @@ input. Xception cannot be dilated in SMP, and is not here either.
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ class XceptionEncoder(nn.Module, EncoderMixin):
             "output_stride=32 or another encoder."
         )
 
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = [x]
         if self._depth >= 1:
             x = self.relu1(self.bn1(self.conv1(x)))
