@@ -35,7 +35,10 @@ __all__ = [
 ]
 
 # One module per family; each exposes ``<family>_encoders`` (or ``ENCODERS``) for the registry.
-_FAMILY_MODULES = ("resnet",)
+_FAMILY_MODULES = (
+    "resnet", "dpn", "vgg", "senet", "densenet", "inceptionresnetv2", "inceptionv4", "efficientnet",
+    "mobilenet", "xception", "timm_efficientnet", "timm_sknet", "mix_transformer", "mobileone",
+)
 
 encoders: Dict[str, EncoderEntry] = {}
 for _module_name in _FAMILY_MODULES:

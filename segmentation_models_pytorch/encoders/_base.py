@@ -59,14 +59,15 @@ class EncoderMixin:
     @property
     def output_stride(self) -> int:
         """Total stride of the deepest returned feature."""
-        return min(self._output_stride, 2**self._depth)
+        return min(self._output_stride, 1 << self._depth)  # int (2**n is a float in TorchScript)
 
     @property
     def reductions(self) -> List[int]:
         """Spatial stride of each returned feature relative to the input."""
-        return [min(2**i, self.output_stride) for i in range(self._depth + 1)]
+        return [min(1 << i, self.output_stride) for i in range(self._depth + 1)]
 
     @property
+    @torch.jit.unused
     def supports_dilation(self) -> bool:
         """Whether :meth:`make_dilated` can turn the last stages' strides into dilation."""
         return type(self).get_stages is not EncoderMixin.get_stages
