@@ -28,13 +28,14 @@ _ARCHITECTURES = {
     "DPT": "dpt",
 }
 _SUBMODULES = ("encoders", "decoders", "losses", "metrics", "base", "utils", "datasets", "inference")
-_OTHER = {"from_pretrained": ".base.hub_mixin"}
+_OTHER = {"from_pretrained": ".base.hub_mixin", "optimize_for_inference": ".optimize"}
 
 __all__ = [
     *_SUBMODULES[:5],
     "datasets",
     *_ARCHITECTURES,
     "from_pretrained",
+    "optimize_for_inference",
     "create_model",
     "MODEL_ARCHITECTURES_MAPPING",
     "__version__",
@@ -42,6 +43,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .base.hub_mixin import from_pretrained  # noqa: F401
+    from .optimize import optimize_for_inference  # noqa: F401
     from .decoders.deeplabv3 import DeepLabV3, DeepLabV3Plus  # noqa: F401
     from .decoders.dpt import DPT  # noqa: F401
     from .decoders.fpn import FPN  # noqa: F401

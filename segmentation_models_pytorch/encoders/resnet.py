@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Union
 import torch
 from torch import nn
 
+from ..base.initialization import fresh_channels_last, kaiming_
 from ._base import EncoderMixin
 from ._registry import hub
 
@@ -17,6 +18,30 @@ def _block_class(block: Union[str, type]) -> type:
     if isinstance(block, str):
         return {"basic": tv.BasicBlock, "bottleneck": tv.Bottleneck}[block]
     return block  # SMP-style hand-made entries pass the torchvision class itself
+
+
+def _init_like_torchvision(net: nn.Module, zero_init_residual: bool = False) -> None:
+    """torchvision's ResNet initialisation: He-normal (fan_out) convs, unit norms, fresh statistics."""
+    from torchvision.models import resnet as tv
+
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                fresh_channels_last(m)
+                kaiming_(m.weight, mode="fan_out", normal=True)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+                if isinstance(m, nn.BatchNorm2d):
+                    m.reset_running_stats()
+        if zero_init_residual:
+            for m in net.modules():
+                if isinstance(m, tv.Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, tv.BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
 
 class ResNetEncoder(nn.Module, EncoderMixin):
@@ -40,9 +65,15 @@ class ResNetEncoder(nn.Module, EncoderMixin):
             raise ValueError(f"{type(self).__name__} depth should be in range [1, 5], got {depth}")
         from torchvision.models.resnet import ResNet
 
-        net = ResNet(
-            _block_class(block), list(layers), groups=groups, width_per_group=width_per_group, **kwargs
-        )
+        # Build on the meta device and initialise once, with torchvision's own scheme: torchvision
+        # would first run every layer's default init and then overwrite it (twice the work).
+        with torch.device("meta"):
+            net = ResNet(
+                _block_class(block), list(layers), groups=groups, width_per_group=width_per_group, **kwargs
+            )
+        del net.fc  # the classifier is never used
+        net.to_empty(device="cpu")
+        _init_like_torchvision(net, zero_init_residual=kwargs.get("zero_init_residual", False))
         # Adopt the backbone's modules under the same attribute names: they are the checkpoint keys.
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))

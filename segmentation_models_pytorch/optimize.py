@@ -1,0 +1,162 @@
+"""Inference fast path: ``smp.optimize_for_inference(model)``.
+
+Rewrites an eval-mode model for speed without changing what it computes (beyond float rounding):
+
+1. re-parameterises multi-branch blocks (MobileOne-style modules exposing ``reparameterize()``);
+2. folds every BatchNorm that directly follows a convolution into that convolution. Pairs are found
+   by running the model once with hooks and matching the BatchNorm's input tensor with a
+   convolution's output tensor, so only true conv -> BN edges are folded, whatever the module layout;
+3. replaces dropout layers (no-ops in eval) with identities;
+4. keeps weights in ``channels_last``;
+5. optionally casts weights to ``bfloat16``/``float16``; inputs are cast on the way in and outputs
+   back to the caller's dtype on the way out.
+
+The result is checked against the original on a probe input before it is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+_BN = (nn.BatchNorm2d,)
+_DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _find_conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str, str]]:
+    """(conv name, bn name) pairs where the BN consumes exactly that conv's output tensor."""
+    names = {m: n for n, m in model.named_modules()}
+    conv_out: Dict[int, str] = {}
+    pairs: List[Tuple[str, str]] = []
+    uses: Dict[str, int] = {}
+    keep_alive: List[torch.Tensor] = []  # so tensor ids are not recycled during the probe
+    handles = []
+
+    def on_conv(mod, inputs, output):
+        keep_alive.append(output)
+        conv_out[id(output)] = names[mod]
+        uses[names[mod]] = uses.get(names[mod], 0) + 1
+
+    def on_bn(mod, inputs, output):
+        src = conv_out.get(id(inputs[0]))
+        if src is not None:
+            pairs.append((src, names[mod]))
+        uses[names[mod]] = uses.get(names[mod], 0) + 1
+
+    for mod in model.modules():
+        if type(mod) is nn.Conv2d:  # subclasses (e.g. padded "same" convs) may add behaviour
+            handles.append(mod.register_forward_hook(on_conv))
+        elif type(mod) in _BN:
+            handles.append(mod.register_forward_hook(on_bn))
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    # A module called several times (shared weights) cannot be folded safely.
+    return [(c, b) for c, b in pairs if uses.get(c) == 1 and uses.get(b) == 1]
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    w = conv.weight
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight = nn.Parameter((w * scale.reshape(-1, 1, 1, 1)).detach())
+    conv.bias = nn.Parameter((bias * scale + shift).detach())
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    dtype: Optional[torch.dtype] = None,
+    example_input: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+    check: bool = True,
+) -> nn.Module:
+    """Return a faster, inference-only version of ``model`` (see the module docstring).
+
+    Args:
+        model: a segmentation model (any ``nn.Module`` taking an NCHW tensor works).
+        dtype: ``None`` keeps float32; ``torch.bfloat16`` / ``torch.float16`` cast the weights.
+        example_input: probe used to find conv->BN pairs and to check the result; defaults to a
+            random ``1 x C x 64 x 64`` tensor (C from the encoder's ``_in_channels``).
+        inplace: modify ``model`` itself instead of a deep copy.
+        check: compare the optimised model with the original on the probe (float32 only; raises if
+            the max relative difference exceeds 1e-4).
+
+    Returns:
+        The optimised model, in eval mode. It is for inference only: folded BatchNorms no longer
+        learn statistics.
+    """
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}.")
+    original = model
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if example_input is None:
+        in_channels = getattr(getattr(model, "encoder", None), "_in_channels", 3)
+        example_input = torch.randn(1, in_channels, 64, 64, device=device)
+    with torch.no_grad():
+        reference = original.eval()(example_input) if check and not inplace else None
+
+    for mod in list(model.modules()):
+        if hasattr(mod, "reparameterize") and callable(mod.reparameterize) and mod is not model:
+            mod.reparameterize()
+    for conv_name, bn_name in _find_conv_bn_pairs(model, example_input):
+        with torch.no_grad():
+            _fold(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        _set_submodule(model, bn_name, nn.Identity())
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, _DROPOUT):
+            _set_submodule(model, name, nn.Identity())
+
+    model.to(memory_format=torch.channels_last)
+    if reference is not None:
+        with torch.no_grad():
+            out = model(example_input)
+        for a, b in zip(_as_tuple(out), _as_tuple(reference)):
+            err = float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-12))
+            if err > 1e-4:
+                raise RuntimeError(
+                    f"optimize_for_inference changed the output (max relative difference {err:.2e}); "
+                    "please report this model configuration."
+                )
+    if dtype is not None and dtype is not torch.float32:
+        model.to(dtype)
+        model.register_forward_pre_hook(_cast_inputs(dtype))
+        model.register_forward_hook(_cast_outputs)
+    return model
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _cast_inputs(dtype: torch.dtype):
+    def hook(module, args):
+        x = args[0]
+        module._caller_dtype = x.dtype
+        return (x.to(dtype), *args[1:])
+
+    return hook
+
+
+def _cast_outputs(module, args, output):
+    dtype = getattr(module, "_caller_dtype", torch.float32)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return tuple(cast(t) for t in output) if isinstance(output, tuple) else cast(output)
