@@ -104,6 +104,7 @@ def main() -> None:
             out["flops"] = counter.get_total_flops()
             out["latency_s"] = timed(lambda: model(x), args.reps)
     else:
+        out["rss_before_train_mb"] = _peak_rss_mb()
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         target = torch.randn(args.batch, 2, args.size, args.size, device=device)

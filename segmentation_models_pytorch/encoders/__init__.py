@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Union
 
 import torch
 
-from .._compat import resolve_encoder_alias, warn_timm_prefix
+from .._compat import _DEPRECATED_TIMM_PREFIXES, resolve_encoder_alias, warn_timm_prefix
 from .._errors import unknown_name
 from . import _weights
 from ._base import EncoderMixin
@@ -44,6 +44,28 @@ encoders: Dict[str, EncoderEntry] = {}
 for _module_name in _FAMILY_MODULES:
     _module = importlib.import_module(f".{_module_name}", __name__)
     register(encoders, _module.ENCODERS, _module_name)
+
+# SMP exposes each family's dict as ``smp.encoders.<family>_encoders``.
+from .densenet import densenet_encoders  # noqa: E402
+from .dpn import dpn_encoders  # noqa: E402
+from .efficientnet import efficient_net_encoders  # noqa: E402
+from .inceptionresnetv2 import inceptionresnetv2_encoders  # noqa: E402
+from .inceptionv4 import inceptionv4_encoders  # noqa: E402
+from .mix_transformer import mix_transformer_encoders  # noqa: E402
+from .mobilenet import mobilenet_encoders  # noqa: E402
+from .mobileone import mobileone_encoders  # noqa: E402
+from .resnet import resnet_encoders  # noqa: E402
+from .senet import senet_encoders  # noqa: E402
+from .timm_efficientnet import timm_efficientnet_encoders  # noqa: E402
+from .timm_sknet import timm_sknet_encoders  # noqa: E402
+from .vgg import vgg_encoders  # noqa: E402
+from .xception import xception_encoders  # noqa: E402
+
+
+def is_equivalent_to_timm_universal(name: str) -> bool:
+    """Whether ``name`` is one of SMP's deprecated ``timm-*`` encoders now served by ``tu-`` (SMP API)."""
+    return name.startswith(_DEPRECATED_TIMM_PREFIXES)
+
 
 _LAZY = {
     "TimmUniversalEncoder": ".timm_universal",
