@@ -94,7 +94,9 @@ def main() -> None:
     if args.what in ("eval", "fast", "fast_bf16"):
         model.eval()
         if args.what != "eval":
-            model = smp.optimize_for_inference(model, dtype=torch.bfloat16 if args.what == "fast_bf16" else None)
+            model = smp.optimize_for_inference(
+                model, dtype=torch.bfloat16 if args.what == "fast_bf16" else None
+            )
         with torch.no_grad():
             from torch.utils.flop_counter import FlopCounterMode
 

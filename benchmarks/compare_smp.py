@@ -39,7 +39,10 @@ def ensure_smp_venv(path: Path) -> Path:
 
     print(f"Creating {path} with segmentation-models-pytorch==0.6.0 ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    pins = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    pins = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+    ]
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "segmentation-models-pytorch==0.6.0", *pins, "six"],
         check=True,
@@ -48,17 +51,27 @@ def ensure_smp_venv(path: Path) -> Path:
 
 
 def run_worker(python: str, env: dict, args: list) -> dict:
-    proc = subprocess.run(
-        [python, str(WORKER), *args], capture_output=True, text=True, env=env, cwd="/tmp"
-    )
+    proc = subprocess.run([python, str(WORKER), *args], capture_output=True, text=True, env=env, cwd="/tmp")
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _train_delta(results: list):
+    """What training adds on top of the built model (libraries and weights excluded)."""
+    deltas = [r["peak_rss_mb"] - r["rss_before_train_mb"] for r in results if "peak_rss_mb" in r]
+    return statistics.median(deltas) if deltas else None
+
+
 def median(results: list, key: str):
     values = [r[key] for r in results if key in r]
     return statistics.median(values) if values else None
+
+
+MEMORY_METRICS = {
+    "train peak RSS (process)": lambda rs: median(rs, "peak_rss_mb"),
+    "train memory (peak - after build)": _train_delta,
+}
 
 
 def main() -> None:
@@ -82,12 +95,24 @@ def main() -> None:
     ours_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     smp_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     sides = {"ours": (sys.executable, ours_env), "smp": (smp_python, smp_env)}
-    common = ["--size", str(args.size), "--batch", str(args.batch), "--reps", str(args.reps), "--device", args.device]
+    common = [
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--reps",
+        str(args.reps),
+        "--device",
+        args.device,
+    ]
 
     peak = run_worker(sys.executable, ours_env, ["peak", "--reps", "5"]).get("gflops")
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-             f"fp32 matmul peak {peak:.0f} GFLOP/s; device {args.device}; input {args.batch}x3x{args.size}x{args.size}; "
-             f"{args.rounds} rounds, medians."]
+    lines = [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"fp32 matmul peak {peak:.0f} GFLOP/s; device {args.device}; "
+        f"input {args.batch}x3x{args.size}x{args.size}; "
+        f"{args.rounds} rounds, medians."
+    ]
     print(lines[0], flush=True)
 
     imports = {side: [] for side in sides}
@@ -95,8 +120,10 @@ def main() -> None:
         for side, (py, env) in sides.items():
             imports[side].append(run_worker(py, env, ["import"]))
     imp = {side: median(r, "import_s") for side, r in imports.items()}
-    lines.append(f"\n`import segmentation_models_pytorch` on top of torch: ours {imp['ours']:.3f} s, "
-                 f"SMP 0.6.0 {imp['smp']:.3f} s.")
+    lines.append(
+        f"\n`import segmentation_models_pytorch` on top of torch: ours {imp['ours']:.3f} s, "
+        f"SMP 0.6.0 {imp['smp']:.3f} s."
+    )
     print(lines[-1], flush=True)
 
     header = "| model | metric | ours | SMP 0.6.0 | ratio | ours GFLOP/s (% peak) | SMP GFLOP/s (% peak) |"
@@ -112,34 +139,41 @@ def main() -> None:
                     for side, (py, env) in sides.items():
                         # The fast path is ours only; it is compared with SMP's plain eager eval.
                         what = metric if side == "ours" or not only_ours else "eval"
-                        res[side].append(run_worker(py, env, [what, "--arch", arch, "--encoder", encoder, *common]))
+                        res[side].append(
+                            run_worker(py, env, [what, "--arch", arch, "--encoder", encoder, *common])
+                        )
                 key = "build_s" if metric == "build" else "latency_s"
                 o, s = median(res["ours"], key), median(res["smp"], key)
                 err = next((r["error"] for r in res["ours"] + res["smp"] if "error" in r), None)
                 if o is None or s is None:
                     row = f"| {arch}-{encoder} | {metric} | error: {err} | | | | |"
                 else:
+
                     def gf(rs, t):
                         f = median(rs, "flops")
                         return f"{f / t / 1e9:.0f} ({100 * f / t / 1e9 / peak:.0f}%)" if f else ""
 
-                    row = (f"| {arch}-{encoder} | {metric} | {o * 1000:.0f} ms | {s * 1000:.0f} ms | "
-                           f"{s / o:.2f}x faster | {gf(res['ours'], o)} | {gf(res['smp'], s)} |")
+                    row = (
+                        f"| {arch}-{encoder} | {metric} | {o * 1000:.0f} ms | {s * 1000:.0f} ms | "
+                        f"{s / o:.2f}x faster | {gf(res['ours'], o)} | {gf(res['smp'], s)} |"
+                    )
                     if metric == "train":
-                        mo, ms = median(res["ours"], "peak_rss_mb"), median(res["smp"], "peak_rss_mb")
-                        row += f"\n| {arch}-{encoder} | train peak RSS (process) | {mo:.0f} MB | {ms:.0f} MB | {mo / ms:.2f}x memory | | |"
-                        # What training itself adds on top of the built model (libraries and weights excluded).
-                        do = median([{"d": r["peak_rss_mb"] - r["rss_before_train_mb"]} for r in res["ours"] if "peak_rss_mb" in r], "d")
-                        ds = median([{"d": r["peak_rss_mb"] - r["rss_before_train_mb"]} for r in res["smp"] if "peak_rss_mb" in r], "d")
-                        if do and ds:
-                            row += f"\n| {arch}-{encoder} | train memory (peak - after build) | {do:.0f} MB | {ds:.0f} MB | {do / ds:.2f}x memory | | |"
+                        for label, fn in MEMORY_METRICS.items():
+                            mo, ms = fn(res["ours"]), fn(res["smp"])
+                            if mo and ms:
+                                row += f"\n| {arch}-{encoder} | {label} | {mo:.0f} MB | {ms:.0f} MB | "
+                                row += f"{mo / ms:.2f}x memory | | |"
                 lines.append(row)
                 print(row, flush=True)
-    lines.append(f"\nRatios: SMP time / our time (> 1: we are faster); our memory / SMP memory (< 1: we use less). "
-                 f"`fast` = `smp.optimize_for_inference(model)` (fp32), `fast_bf16` = the same with "
-                 f"`dtype=torch.bfloat16`, both against SMP's eager fp32 eval. Took {time.time() - started:.0f} s.")
-    Path(args.out).write_text("# Benchmarks: ours vs SMP 0.6.0\n\nGenerated by `make bench` "
-                              "(benchmarks/compare_smp.py).\n\n" + "\n".join(lines) + "\n")
+    lines.append(
+        f"\nRatios: SMP time / our time (> 1: we are faster); our memory / SMP memory (< 1: we use less). "
+        f"`fast` = `smp.optimize_for_inference(model)` (fp32), `fast_bf16` = the same with "
+        f"`dtype=torch.bfloat16`, both against SMP's eager fp32 eval. Took {time.time() - started:.0f} s."
+    )
+    Path(args.out).write_text(
+        "# Benchmarks: ours vs SMP 0.6.0\n\nGenerated by `make bench` "
+        "(benchmarks/compare_smp.py).\n\n" + "\n".join(lines) + "\n"
+    )
     print(f"wrote {args.out}")
 
 

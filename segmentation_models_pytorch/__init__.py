@@ -43,7 +43,6 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .base.hub_mixin import from_pretrained  # noqa: F401
-    from .optimize import optimize_for_inference  # noqa: F401
     from .decoders.deeplabv3 import DeepLabV3, DeepLabV3Plus  # noqa: F401
     from .decoders.dpt import DPT  # noqa: F401
     from .decoders.fpn import FPN  # noqa: F401
@@ -55,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .decoders.unet import Unet  # noqa: F401
     from .decoders.unetplusplus import UnetPlusPlus  # noqa: F401
     from .decoders.upernet import UPerNet  # noqa: F401
+    from .optimize import optimize_for_inference  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

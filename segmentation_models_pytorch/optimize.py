@@ -63,7 +63,11 @@ def _find_conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     w = conv.weight
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps) if bn.affine else torch.rsqrt(bn.running_var + bn.eps)
+    scale = (
+        bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        if bn.affine
+        else torch.rsqrt(bn.running_var + bn.eps)
+    )
     shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     conv.weight = nn.Parameter((w * scale.reshape(-1, 1, 1, 1)).detach())
@@ -99,7 +103,9 @@ def optimize_for_inference(
         learn statistics.
     """
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}.")
+        raise ValueError(
+            f"dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}."
+        )
     original = model
     model = model if inplace else copy.deepcopy(model)
     model.eval()

@@ -25,9 +25,7 @@ for _r in RECORDS:
     if _pair not in _seen:
         _seen.add(_pair)
         _DEFAULT.add(_r["id"])
-PARAMS = [
-    pytest.param(r, id=r["id"], marks=() if r["id"] in _DEFAULT else pytest.mark.slow) for r in RECORDS
-]
+PARAMS = [pytest.param(r, id=r["id"], marks=() if r["id"] in _DEFAULT else pytest.mark.slow) for r in RECORDS]
 # SMP scales the head by `upsampling` whatever the depth; ours keeps the input size (documented).
 _SMP_HEAD_SCALE = {"FPN": 4, "PSPNet": 8}
 
@@ -59,7 +57,9 @@ def test_checkpoint_layout_and_output_match_smp(record):
         # Reproduce SMP's head scale at this non-default depth to compare everything else.
         scale = record["kwargs"].get("upsampling", _SMP_HEAD_SCALE[record["arch"]])
         model.segmentation_head[1] = (
-            nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=True) if scale > 1 else nn.Identity()
+            nn.Upsample(scale_factor=scale, mode="bilinear", align_corners=True)
+            if scale > 1
+            else nn.Identity()
         )
         model.pad_input = False
         with torch.no_grad():

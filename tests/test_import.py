@@ -32,5 +32,7 @@ def test_smp_alias_is_the_same_package():
 
 
 def test_building_a_resnet_model_loads_only_torchvision():
-    loaded = _loaded_after("import segmentation_models_pytorch as smp; smp.Unet('resnet18', encoder_weights=None)")
+    loaded = _loaded_after(
+        "import segmentation_models_pytorch as smp; smp.Unet('resnet18', encoder_weights=None)"
+    )
     assert loaded["torchvision"] and not loaded["timm"] and not loaded["huggingface_hub"]

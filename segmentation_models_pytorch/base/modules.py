@@ -33,7 +33,9 @@ class InPlaceABN(nn.BatchNorm2d):
     ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, **kwargs)
         if activation not in ("leaky_relu", "elu", "identity"):
-            raise ValueError(f"InPlaceABN activation must be leaky_relu, elu or identity, got {activation!r}.")
+            raise ValueError(
+                f"InPlaceABN activation must be leaky_relu, elu or identity, got {activation!r}."
+            )
         self.activation = activation
         self.activation_param = activation_param
 
@@ -143,7 +145,11 @@ class Conv2dReLU(nn.Sequential):
     ) -> None:
         norm = get_norm_layer(use_norm, out_channels)
         conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
             bias=isinstance(norm, nn.Identity),
         )
         act = nn.Identity() if norm_has_activation(norm) else nn.ReLU(inplace=True)
@@ -216,7 +222,17 @@ class _Lambda(nn.Module):
         return self.fn(x)
 
 
-ACTIVATIONS = ("identity", "sigmoid", "softmax", "softmax2d", "logsoftmax", "tanh", "argmax", "argmax2d", "clamp")
+ACTIVATIONS = (
+    "identity",
+    "sigmoid",
+    "softmax",
+    "softmax2d",
+    "logsoftmax",
+    "tanh",
+    "argmax",
+    "argmax2d",
+    "clamp",
+)
 
 
 class Activation(nn.Module):

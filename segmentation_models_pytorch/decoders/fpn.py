@@ -37,7 +37,9 @@ class Conv3x3GNReLU(nn.Module):
 class FPNBlock(nn.Module):
     """Top-down step: upsample the coarser level to the skip's size and add the projected skip."""
 
-    def __init__(self, pyramid_channels: int, skip_channels: int, interpolation_mode: str = "nearest") -> None:
+    def __init__(
+        self, pyramid_channels: int, skip_channels: int, interpolation_mode: str = "nearest"
+    ) -> None:
         super().__init__()
         self.skip_conv = nn.Conv2d(skip_channels, pyramid_channels, kernel_size=1)
         self.interpolation_mode = interpolation_mode

@@ -20,7 +20,9 @@ from .fpn import head_upsampling
 class PSPBlock(nn.Module):
     """Average-pool to ``pool_size`` x ``pool_size``, 1x1 conv, upsample back."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool_size: int, use_norm: md.NormSpec = "batchnorm") -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, pool_size: int, use_norm: md.NormSpec = "batchnorm"
+    ) -> None:
         super().__init__()
         if pool_size == 1:
             use_norm = "identity"  # BatchNorm cannot normalise a single 1x1 value per channel
@@ -105,7 +107,10 @@ class PSPNet(SegmentationModel):
         decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
         self.decoder = PSPDecoder(
-            encoder.out_channels, use_norm=decoder_use_norm, out_channels=psp_out_channels, dropout=psp_dropout
+            encoder.out_channels,
+            use_norm=decoder_use_norm,
+            out_channels=psp_out_channels,
+            dropout=psp_dropout,
         )
         head_scale = head_upsampling(upsampling, encoder.output_stride, reference_stride=8)
         self.build_heads(psp_out_channels, classes, activation, aux_params, 3, head_scale)

@@ -51,7 +51,9 @@ HALF: PretrainedSetting = {  # Inception / TF-style models normalise to [-1, 1]
 }
 
 
-def hub(repo_id: str, revision: str, preset: Optional[Mapping[str, Any]] = None, **extra: Any) -> PretrainedSetting:
+def hub(
+    repo_id: str, revision: str, preset: Optional[Mapping[str, Any]] = None, **extra: Any
+) -> PretrainedSetting:
     """A setting for weights stored on the HF hub at a pinned revision."""
     setting: Dict[str, Any] = dict(preset if preset is not None else IMAGENET)
     setting.update(repo_id=repo_id, revision=revision, **extra)

@@ -54,7 +54,9 @@ def http_server(tmp_path):
 
 
 def _same(encoder, reference):
-    return all(torch.equal(encoder.state_dict()[k], v) for k, v in reference.items() if not k.startswith("fc."))
+    return all(
+        torch.equal(encoder.state_dict()[k], v) for k, v in reference.items() if not k.startswith("fc.")
+    )
 
 
 def test_http_download_cache_and_hash(registered, http_server, reference_weights, tmp_path):
@@ -164,5 +166,7 @@ def test_fake_hf_hub_cache_offline(reference_weights, tmp_path, monkeypatch):
     setting = {"repo_id": "smp-hub/fake.imagenet", "revision": revision}
     state = _weights.fetch_setting(setting)
     assert torch.equal(state["conv1.weight"], reference_weights["conv1.weight"])
-    with pytest.raises(_weights.WeightsUnavailableError, match="(?s)smp-hub/missing.*huggingface-cli download"):
+    with pytest.raises(
+        _weights.WeightsUnavailableError, match="(?s)smp-hub/missing.*huggingface-cli download"
+    ):
         _weights.fetch_setting({"repo_id": "smp-hub/missing", "revision": revision})
