@@ -51,22 +51,47 @@ def pop_renamed_kwarg(kwargs: Dict[str, Any], old: str, new: str, value: Any) ->
     return old_value
 
 
+def is_deprecated_timm_family(timm_model_name: Optional[str]) -> bool:
+    """Whether a timm model belongs to a family SMP once shipped as a hand-ported ``timm-*`` encoder."""
+    return bool(timm_model_name) and timm_model_name.startswith(_DEPRECATED_TIMM_MODEL_PREFIXES)
+
+
+def _rename_old_timm_key(key: str, timm_model_name: str) -> str:
+    # The old ports subclassed the timm network; the new encoder wraps it as ``model``, and timm's
+    # feature extractor flattens gernet's ``stages`` Sequential into ``stages_<i>``.
+    if "gernet" in timm_model_name:
+        key = key.replace(".stages.", ".stages_")
+    return key
+
+
 def remap_state_dict(state_dict: MutableMapping[str, Any], timm_model_name: Optional[str]) -> Dict[str, Any]:
     """Rename keys of checkpoints saved with the old ``timm-*`` encoders to the ``tu-`` layout.
 
-    Returns a new dict; the caller's mapping is left untouched.
+    Works on whole-model keys (``encoder.*``). Returns a new dict; the caller's mapping is left untouched.
     """
     out = dict(state_dict)
-    if not timm_model_name or not timm_model_name.startswith(_DEPRECATED_TIMM_MODEL_PREFIXES):
+    if not is_deprecated_timm_family(timm_model_name):
         return out
     renamed = {}
     for key, value in out.items():
         new = key
         if key.startswith("encoder.") and not key.startswith("encoder.model."):
             new = "encoder.model." + key[len("encoder.") :]
-        if "gernet" in timm_model_name:
-            new = new.replace(".stages.", ".stages_")
-        renamed[new] = value
+        renamed[_rename_old_timm_key(new, timm_model_name)] = value
+    return renamed
+
+
+def remap_encoder_state_dict(
+    state_dict: MutableMapping[str, Any], timm_model_name: Optional[str]
+) -> Dict[str, Any]:
+    """Like :func:`remap_state_dict`, for a state dict of the encoder alone (keys without ``encoder.``)."""
+    out = dict(state_dict)
+    if not is_deprecated_timm_family(timm_model_name):
+        return out
+    renamed = {}
+    for key, value in out.items():
+        new = key if key.startswith("model.") else "model." + key
+        renamed[_rename_old_timm_key(new, timm_model_name)] = value
     return renamed
 
 

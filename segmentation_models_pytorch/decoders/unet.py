@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _compat
+from ..base import initialization as init
 from ..base import modules as md
 from ..base.model import SegmentationModel, decoder_norm
 
@@ -91,7 +92,9 @@ class UnetDecoder(nn.Module):
         in_channels = [head_channels, *decoder_channels[:-1]]
         skip_channels = [*skips[1:], 0]
         self.center = (
-            UnetCenterBlock(head_channels, head_channels, use_norm=use_norm) if add_center_block else nn.Identity()
+            UnetCenterBlock(head_channels, head_channels, use_norm=use_norm)
+            if add_center_block
+            else nn.Identity()
         )
         self.blocks = nn.ModuleList(
             UnetDecoderBlock(i, s, o, use_norm, attention_type, interpolation_mode)
@@ -104,14 +107,102 @@ class UnetDecoder(nn.Module):
         x = self.center(skips[0])
         for i, block in enumerate(self.blocks):
             skip = skips[i + 1] if i + 1 < len(skips) else None
-            x = block(x, int(sizes[i + 1][0]), int(sizes[i + 1][1]), skip)
+            x = block(x, sizes[i + 1][0], sizes[i + 1][1], skip)  # no int(): keeps export dynamic
         return x
+
+    def forward_stages(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Like :meth:`forward`, but return every block's output (coarsest first, final last)."""
+        sizes = [f.shape[2:] for f in features][::-1]
+        skips = features[1:][::-1]
+        x = self.center(skips[0])
+        outputs: List[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            skip = skips[i + 1] if i + 1 < len(skips) else None
+            x = block(x, sizes[i + 1][0], sizes[i + 1][1], skip)  # no int(): keeps export dynamic
+            outputs.append(x)
+        return outputs
+
+
+class DeepSupervisionMixin:
+    """Optional deep supervision for decoders that refine the mask stage by stage (Unet, Unet++).
+
+    Off by default, and then the model, its state dict and its outputs are exactly SMP's. Turn it on
+    with the constructor keyword ``deep_supervision=True`` or later with ``model.deep_supervision =
+    True``. That adds ``deep_supervision_heads`` (one 1x1 convolution per intermediate decoder stage,
+    ``decoder_channels[i] -> classes``); in training mode ``forward`` then returns a list of masks
+    instead of one mask: ``[final, finest intermediate, ..., coarsest intermediate]``, each resized
+    (bilinear) to the final mask's size and passed through the model's ``activation``. With
+    ``aux_params`` it returns ``(masks, labels)``. In eval mode (and in ``predict``) the model returns
+    the final mask only, as without deep supervision. Turning it off again keeps the heads (and their
+    weights in the state dict) but stops using them.
+
+    Architectures using the mixin implement ``_deep_supervision_channels()`` and give their decoder a
+    ``forward_stages(features)`` method returning every stage's output, the final one last.
+    """
+
+    _deep_supervision = False
+
+    def _deep_supervision_channels(self) -> List[int]:
+        raise NotImplementedError
+
+    def _setup_deep_supervision(self, kwargs: Dict[str, Any]) -> bool:
+        """Pop ``deep_supervision`` from the constructor's ``**kwargs`` (it is not an encoder argument)."""
+        return kwargs.pop("deep_supervision", False)
+
+    @property
+    @torch.jit.unused
+    def deep_supervision(self) -> bool:
+        """Whether training-mode ``forward`` also returns the intermediate stages' masks."""
+        return self._deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"deep_supervision must be True or False, got {value!r}.")
+        if value and getattr(self, "deep_supervision_heads", None) is None:
+            conv = self.segmentation_head[0]
+            heads = nn.ModuleList(
+                nn.Conv2d(c, conv.out_channels, kernel_size=1) for c in self._deep_supervision_channels()
+            )
+            init.initialize_head(heads)
+            self.deep_supervision_heads = heads.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        object.__setattr__(self, "_deep_supervision", value)
+        config = self.__dict__.get("_hub_mixin_config")
+        if config is not None:  # keep save_pretrained's config in step with the model
+            config["deep_supervision"] = value
+
+    def forward(self, x: torch.Tensor):
+        """The usual forward; in training mode with deep supervision on, masks are a list."""
+        if self._deep_supervision and self.training:
+            return self._forward_deep_supervision(x)
+        return self._segmentation_forward(x)  # not super(): TorchScript cannot compile it
+
+    @torch.jit.unused  # training-only path; a scripted model raises if it is reached
+    def _forward_deep_supervision(self, x):  # unannotated: TorchScript can't read string hints here
+        self.check_input_shape(x)
+        h, w = x.shape[-2], x.shape[-1]
+        pad = self._padding(h, w) if self.requires_divisible_input_shape and self.pad_input else [0, 0, 0, 0]
+        if pad[1] > 0 or pad[3] > 0:
+            x = F.pad(x, pad)
+        features = self.encoder(x)
+        stages = self.decoder.forward_stages(features)
+        final = self.segmentation_head(stages[-1])
+        activation = self.segmentation_head[-1]
+        masks = [final]
+        for head, stage in zip(list(self.deep_supervision_heads)[::-1], stages[-2::-1]):
+            logits = F.interpolate(head(stage), size=final.shape[-2:], mode="bilinear", align_corners=False)
+            masks.append(activation(logits))
+        if pad[1] > 0 or pad[3] > 0:
+            masks = [self._crop(m, pad, x.shape[-2], x.shape[-1], h, w) for m in masks]
+        if self.classification_head is not None:
+            return masks, self.classification_head(features[-1])
+        return masks
 
 
 _INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
 
 
-class Unet(SegmentationModel):
+class Unet(DeepSupervisionMixin, SegmentationModel):
     """Unet: an encoder with a symmetric decoder joined by skip connections.
 
     Args:
@@ -133,7 +224,16 @@ class Unet(SegmentationModel):
             ``None``).
         aux_params: adds a classification head on the deepest feature: ``{"classes": N,
             "pooling": "avg"|"max", "dropout": p, "activation": ...}``.
-        **kwargs: forwarded to the encoder (e.g. timm arguments for ``tu-`` encoders).
+        **kwargs: forwarded to the encoder (e.g. timm arguments for ``tu-`` encoders), except
+            ``deep_supervision`` (see below).
+
+    Deep supervision:
+        ``deep_supervision=True`` (a keyword argument, or the attribute ``model.deep_supervision``
+        set after construction) adds a 1x1 head to every decoder block but the last. In training
+        mode ``forward`` then returns a list of masks ``[final, finest intermediate, ...,
+        coarsest intermediate]``, all at the final mask's size, e.g. for a weighted loss
+        ``sum(w * loss(m, y) for w, m in zip(weights, masks))``. Eval mode returns the final mask
+        only. Off by default: the state dict is then exactly SMP's.
 
     Returns:
         ``torch.nn.Module``; ``forward`` returns the mask, or ``(mask, label)`` with ``aux_params``.
@@ -158,6 +258,7 @@ class Unet(SegmentationModel):
     ) -> None:
         super().__init__()
         decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
+        deep_supervision = self._setup_deep_supervision(kwargs)
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
         self.decoder = UnetDecoder(
             encoder_channels=encoder.out_channels,
@@ -170,6 +271,10 @@ class Unet(SegmentationModel):
         )
         self.build_heads(decoder_channels[-1], classes, activation, aux_params, kernel_size=3)
         self.name = f"u-{encoder_name}"
+        self.deep_supervision = deep_supervision
+
+    def _deep_supervision_channels(self) -> List[int]:
+        return [block.conv2[0].out_channels for block in self.decoder.blocks][:-1]
 
 
 _compat.alias_submodules(__name__, ("model", "decoder"))
