@@ -34,6 +34,7 @@ __all__ = [
     *_SUBMODULES[:5],
     "datasets",
     *_ARCHITECTURES,
+    "inference",
     "from_pretrained",
     "optimize_for_inference",
     "create_model",
