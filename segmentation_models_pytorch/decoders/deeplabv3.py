@@ -87,8 +87,14 @@ class SeparableConv2d(nn.Sequential):
         bias: bool = True,
     ) -> None:
         depthwise = nn.Conv2d(
-            in_channels, in_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-            groups=in_channels, bias=False,
+            in_channels,
+            in_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=in_channels,
+            bias=False,
         )
         pointwise = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias)
         super().__init__(depthwise, pointwise)
@@ -289,7 +295,11 @@ class DeepLabV3(SegmentationModel):
         _check_os("DeepLabV3", encoder_output_stride)
         check_dilatable("DeepLabV3", encoder_name, encoder_output_stride, _OS_HINT)
         encoder = self.build_encoder(
-            encoder_name, in_channels, encoder_depth, encoder_weights, output_stride=encoder_output_stride,
+            encoder_name,
+            in_channels,
+            encoder_depth,
+            encoder_weights,
+            output_stride=encoder_output_stride,
             **kwargs,
         )
         check_output_stride("DeepLabV3", encoder, encoder_output_stride)
@@ -362,7 +372,11 @@ class DeepLabV3Plus(SegmentationModel):
         _check_os("DeepLabV3Plus", encoder_output_stride)
         check_dilatable("DeepLabV3Plus", encoder_name, encoder_output_stride, _OS_HINT)
         encoder = self.build_encoder(
-            encoder_name, in_channels, encoder_depth, encoder_weights, output_stride=encoder_output_stride,
+            encoder_name,
+            in_channels,
+            encoder_depth,
+            encoder_weights,
+            output_stride=encoder_output_stride,
             **kwargs,
         )
         check_output_stride("DeepLabV3Plus", encoder, encoder_output_stride)

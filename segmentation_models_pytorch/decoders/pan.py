@@ -37,8 +37,14 @@ class ConvBnRelu(nn.Module):
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-            bias=bias, groups=groups,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            bias=bias,
+            groups=groups,
         )
         self.activation = nn.ReLU(inplace=True)
         self.bn = nn.BatchNorm2d(out_channels)
@@ -232,7 +238,11 @@ class PAN(SegmentationModel):
             "PAN", encoder_name, encoder_output_stride, "Use encoder_output_stride=32 with this encoder."
         )
         encoder = self.build_encoder(
-            encoder_name, in_channels, encoder_depth, encoder_weights, output_stride=encoder_output_stride,
+            encoder_name,
+            in_channels,
+            encoder_depth,
+            encoder_weights,
+            output_stride=encoder_output_stride,
             **kwargs,
         )
         check_output_stride("PAN", encoder, encoder_output_stride)

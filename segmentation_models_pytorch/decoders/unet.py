@@ -184,6 +184,8 @@ class DeepSupervisionMixin:
         pad = self._padding(h, w) if self.requires_divisible_input_shape and self.pad_input else [0, 0, 0, 0]
         if pad[1] > 0 or pad[3] > 0:
             x = F.pad(x, pad)
+        if self.channels_last:  # same memory layout as the ordinary forward
+            x = x.contiguous(memory_format=torch.channels_last)
         features = self.encoder(x)
         stages = self.decoder.forward_stages(features)
         final = self.segmentation_head(stages[-1])
@@ -194,6 +196,8 @@ class DeepSupervisionMixin:
             masks.append(activation(logits))
         if pad[1] > 0 or pad[3] > 0:
             masks = [self._crop(m, pad, x.shape[-2], x.shape[-1], h, w) for m in masks]
+        if self.channels_last:
+            masks = [m.contiguous() for m in masks]
         if self.classification_head is not None:
             return masks, self.classification_head(features[-1])
         return masks
