@@ -19,10 +19,10 @@ demo: install
 	$(BIN)/python examples/train.py
 
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-all: install-test
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "slow or not slow"
 
 lint: install-test
 	$(BIN)/ruff check .

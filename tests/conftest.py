@@ -58,3 +58,11 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker gets one core: intra-op threads would only oversubscribe it.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
