@@ -134,12 +134,13 @@ def _resolve_file(
         )
 
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return hf_hub_download(repo_id=model_id, filename=filename, library_name=LIBRARY_NAME, **hub_kwargs)
-    except EntryNotFoundError:
-        if required:
+    except EntryNotFoundError as e:
+        # Only a file the repo really lacks is optional; "not in the offline cache" is an error.
+        if required or isinstance(e, LocalEntryNotFoundError):
             raise
         return None
 
@@ -518,9 +519,14 @@ def _check_model_class(cls: type, saved_name: Optional[str], model_id: str) -> N
 
 def from_pretrained(
     pretrained_model_name_or_path: PathLike,
-    *args: Any,
+    *,
+    force_download: bool = False,
+    token: Optional[Union[str, bool]] = None,
+    cache_dir: Optional[PathLike] = None,
+    local_files_only: bool = False,
+    revision: Optional[str] = None,
     strict: bool = True,
-    **kwargs: Any,
+    **model_kwargs: Any,
 ) -> nn.Module:
     """Load any architecture saved with ``save_pretrained`` or pushed with ``push_to_hub``.
 
@@ -532,18 +538,19 @@ def from_pretrained(
 
     Args:
         pretrained_model_name_or_path: folder written by ``save_pretrained`` or a Hub repo id.
+        force_download, token, cache_dir, local_files_only, revision: Hub download options
+            (see ``huggingface_hub.hf_hub_download``).
         strict: require every saved weight to fit the rebuilt model (default ``True``).
-        **kwargs: Hub options (``revision``, ``token``, ``cache_dir``, ``force_download``,
-            ``local_files_only``), ``map_location``, and constructor overrides.
+        **model_kwargs: ``map_location`` and constructor arguments overriding the saved config.
     """
-    if args:
-        raise TypeError(
-            "from_pretrained takes the folder/repo id as its only positional argument; pass the rest "
-            f"as keywords (got extra positional arguments {args!r})."
-        )
     model_id = os.fspath(pretrained_model_name_or_path)
-    hub_options = ("revision", "cache_dir", "force_download", "token", "local_files_only")
-    hub_kwargs = {k: kwargs[k] for k in hub_options if k in kwargs}
+    hub_kwargs = dict(
+        revision=revision,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        token=token,
+        local_files_only=local_files_only,
+    )
     config_path = _resolve_file(model_id, CONFIG_NAME, hub_kwargs)
     config = _read_config(config_path)  # type: ignore[arg-type]
     name = config.get(MODEL_CLASS_KEY)
@@ -562,4 +569,4 @@ def from_pretrained(
             name,
             _architecture_names(),
         )
-    return model_class.from_pretrained(model_id, strict=strict, **kwargs)
+    return model_class.from_pretrained(model_id, strict=strict, **hub_kwargs, **model_kwargs)
