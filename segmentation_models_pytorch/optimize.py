@@ -128,7 +128,9 @@ def optimize_for_inference(
         if isinstance(mod, _DROPOUT):
             _set_submodule(model, name, nn.Identity())
 
-    model.to(memory_format=torch.channels_last)
+    from .base.model import to_channels_last
+
+    to_channels_last(model)
     if reference is not None:
         with torch.no_grad():
             out = model(example_input)

@@ -59,10 +59,23 @@ def _record_config(init_fn: Callable) -> Callable:
         if getattr(self, "channels_last", False):
             # Convolutions run markedly faster on NHWC data (oneDNN on CPU, tensor cores on GPU).
             # Only memory layout changes: values, state-dict keys and shapes stay as in SMP.
-            self.to(memory_format=torch.channels_last)
+            to_channels_last(self)
 
     wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Store every 4-D parameter and buffer in channels_last, in place.
+
+    Unlike ``module.to(memory_format=torch.channels_last)`` this leaves other ranks alone (some timm
+    models have 5-D weights, which ``Module.to`` rejects).
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=torch.channels_last):
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return module
 
 
 class SegmentationModel(nn.Module, SMPHubMixin):

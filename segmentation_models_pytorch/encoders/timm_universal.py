@@ -118,7 +118,7 @@ def create_timm_model(name: str, create_kwargs: Dict[str, Any]) -> nn.Module:
         if not pretrained:
             raise
         # Tell a download problem apart from a configuration problem: the same model without
-        # weights must build (on the meta device, so this costs nothing).
+        # weights must build (on the meta device: no memory is allocated).
         try:
             with torch.device("meta"):
                 timm.create_model(name, **{**create_kwargs, "pretrained": False})
