@@ -270,7 +270,9 @@ class SegmentationModel(nn.Module, SMPHubMixin):
         number of classes) are skipped with a warning that lists them.
         """
         timm_name = getattr(self.encoder, "name", None) if hasattr(self, "encoder") else None
-        state_dict = _compat.remap_state_dict(dict(state_dict), timm_name if isinstance(timm_name, str) else None)
+        if not isinstance(timm_name, str):
+            timm_name = None
+        state_dict = _compat.remap_state_dict(dict(state_dict), timm_name)
         if not strict:
             own = self.state_dict()
             mismatched = [
@@ -289,7 +291,7 @@ class SegmentationModel(nn.Module, SMPHubMixin):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ freezing
-    def train(self, mode: bool = True) -> "SegmentationModel":
+    def train(self, mode: bool = True) -> SegmentationModel:
         """Like ``nn.Module.train``, but a frozen encoder (see :meth:`freeze_encoder`) stays in eval."""
         if not isinstance(mode, bool):
             raise ValueError(f"training mode is expected to be a bool, got {mode!r}.")
