@@ -1,7 +1,15 @@
-"""One measurement in a fresh process; run by compare_smp.py with either library's interpreter.
+"""Measurements in one fresh process; run by compare_smp.py with either library on the path.
 
 Imports only torch and whichever ``segmentation_models_pytorch`` the interpreter sees, and prints one
-JSON line. Never import this project's helpers here: the same file runs inside SMP 0.6.0's venv.
+JSON line. Never import this project's helpers here: the same file runs against SMP 0.6.0.
+
+Modes:
+    import   time of ``import segmentation_models_pytorch`` on top of ``import torch``.
+    peak     the machine's fp32 matmul throughput (GFLOP/s), for "% of peak" context.
+    infer    build time, then eval latency, then (ours only, when asked) the fast path in fp32 and
+             bf16. One process serves them all: each is timed after its own warm-up.
+    train    train-step latency (forward + backward + SGD step) and peak RSS. Alone in its process,
+             so the peak is the training peak and nothing else.
 """
 
 from __future__ import annotations
@@ -18,14 +26,38 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _timed(fn, reps: int, sync) -> float:
+    fn()
+    fn()  # warm-up: allocator, oneDNN primitive cache
+    sync()
+    times = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - s)
+    return statistics.median(times)
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["import", "build", "eval", "train", "fast", "fast_bf16", "peak"])
+    p.add_argument("what", choices=["import", "peak", "infer", "train"])
     p.add_argument("--arch", default="Unet")
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--bf16-reps", type=int, default=2, help="bf16 is very slow on CPUs without bf16 units")
+    p.add_argument("--fast", default="", help="comma list of fast paths to time: fp32,bf16 (ours only)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
@@ -39,72 +71,60 @@ def main() -> None:
     t2 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = {"what": args.what, "torch_import_s": t1 - t0, "import_s": t2 - t1}
+    out = {"what": args.what, "torch_import_s": t1 - t0, "import_s": t2 - t1, "smp_file": smp.__file__}
     if args.what == "import":
         print(json.dumps(out))
         return
-    if args.what == "peak":  # the machine's fp32 matmul peak, for GFLOP/s context
+    if args.what == "peak":
         n = 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(2):
-            a @ b
-        times = []
-        for _ in range(args.reps):
-            s = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - s)
-        out["gflops"] = 2 * n**3 / statistics.median(times) / 1e9
-        print(json.dumps(out))
-        return
-
-    torch.manual_seed(0)
-    cls = getattr(smp, args.arch)
-    s = time.perf_counter()
-    model = cls(encoder_name=args.encoder, encoder_weights=None, classes=2)
-    # The first build also pays for importing the encoder's backend (torchvision, timm...), which SMP
-    # pays at `import` time instead; the second build measures construction alone.
-    out["first_build_s"] = time.perf_counter() - s
-    s = time.perf_counter()
-    model = cls(encoder_name=args.encoder, encoder_weights=None, classes=2)
-    out["build_s"] = time.perf_counter() - s
-    if args.what == "build":
+        t = _timed(lambda: a @ b, args.reps, lambda: None)
+        out["gflops"] = 2 * n**3 / t / 1e9
         print(json.dumps(out))
         return
 
     device = torch.device(args.device)
-    model = model.to(device)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn, reps):
-        fn()
-        fn()  # warm-up (allocator, oneDNN primitive cache)
-        sync()
-        times = []
-        for _ in range(reps):
+    torch.manual_seed(0)
+    cls = getattr(smp, args.arch)
+
+    def build():
+        return cls(encoder_name=args.encoder, encoder_weights=None, classes=2)
+
+    s = time.perf_counter()
+    model = build()
+    # The first build also pays for importing the encoder's backend (torchvision, timm...), which SMP
+    # pays at `import` time instead; the later builds measure construction alone.
+    out["first_build_s"] = time.perf_counter() - s
+    if args.what == "infer":
+        builds = []
+        for _ in range(3):
+            del model
             s = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - s)
-        return statistics.median(times)
+            model = build()
+            builds.append(time.perf_counter() - s)
+        out["build_s"] = statistics.median(builds)
 
-    if args.what in ("eval", "fast", "fast_bf16"):
+    model = model.to(device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+
+    if args.what == "infer":
         model.eval()
-        if args.what != "eval":
-            model = smp.optimize_for_inference(
-                model, dtype=torch.bfloat16 if args.what == "fast_bf16" else None
-            )
         with torch.no_grad():
-            from torch.utils.flop_counter import FlopCounterMode
-
-            counter = FlopCounterMode(display=False)
-            with counter:
-                model(x)
-            out["flops"] = counter.get_total_flops()
-            out["latency_s"] = timed(lambda: model(x), args.reps)
+            out["flops"] = _flops(lambda: model(x))
+            out["eval_s"] = _timed(lambda: model(x), args.reps, sync)
+            for kind in filter(None, args.fast.split(",")):
+                dtype = torch.bfloat16 if kind == "bf16" else None
+                fast = smp.optimize_for_inference(model, dtype=dtype)
+                reps = args.bf16_reps if kind == "bf16" else args.reps
+                out[f"fast_{kind}_s"] = _timed(lambda fast=fast: fast(x), reps, sync)
+                y, ref = fast(x).float(), model(x).float()
+                out[f"fast_{kind}_err"] = float((y - ref).abs().max() / ref.abs().max())
+                del fast
     else:
         out["rss_before_train_mb"] = _peak_rss_mb()
         model.train()
@@ -117,8 +137,9 @@ def main() -> None:
             loss.backward()
             opt.step()
 
-        out["latency_s"] = timed(step, args.reps)
-    out["peak_rss_mb"] = _peak_rss_mb()
+        out["train_s"] = _timed(step, args.reps, sync)
+        out["peak_rss_mb"] = _peak_rss_mb()  # before the FLOP count, which adds its own overhead
+        out["flops"] = _flops(step)
     print(json.dumps(out))
 
 
