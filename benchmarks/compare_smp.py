@@ -61,8 +61,17 @@ def ensure_smp_package(target: Path) -> Path:
     if not (target / "segmentation_models_pytorch" / "__init__.py").exists():
         print(f"Installing segmentation-models-pytorch==0.6.0 into {target} ...", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-             "segmentation-models-pytorch==0.6.0"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--target",
+                str(target),
+                "segmentation-models-pytorch==0.6.0",
+            ],
             check=True,
         )
     return target
@@ -88,8 +97,11 @@ def train_delta(results: List[dict]) -> Optional[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smp-python", default=os.environ.get("SMP_REF_PYTHON"),
-                   help="run SMP's side with this interpreter (default: ours + .bench/smp06-pkg)")
+    p.add_argument(
+        "--smp-python",
+        default=os.environ.get("SMP_REF_PYTHON"),
+        help="run SMP's side with this interpreter (default: ours + .bench/smp06-pkg)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5, help="timed repetitions inside each process")
     p.add_argument("--bf16-reps", type=int, default=2)
@@ -112,8 +124,18 @@ def main() -> None:
     else:
         smp_side = (sys.executable, {**os.environ, "PYTHONPATH": str(ensure_smp_package(SMP_PKG))})
     sides = {"ours": (sys.executable, ours_env), "smp": smp_side}
-    common = ["--size", str(args.size), "--batch", str(args.batch), "--reps", str(args.reps),
-              "--device", args.device, "--bf16-reps", str(args.bf16_reps)]
+    common = [
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--reps",
+        str(args.reps),
+        "--device",
+        args.device,
+        "--bf16-reps",
+        str(args.bf16_reps),
+    ]
 
     def order(round_index: int):
         names = list(sides)
@@ -144,7 +166,10 @@ def main() -> None:
     )
     print(lines[-1], flush=True)
 
-    header = "| model | metric | ours | SMP 0.6.0 | ratio | target | ours GFLOP/s (% peak) | SMP GFLOP/s (% peak) |"
+    header = (
+        "| model | metric | ours | SMP 0.6.0 | ratio | target | ours GFLOP/s (% peak) "
+        "| SMP GFLOP/s (% peak) |"
+    )
     lines += ["", header, "|---|---|---|---|---|---|---|---|"]
     print(header, flush=True)
     verdicts: Dict[str, List[bool]] = {label: [] for label in TARGETS}
@@ -153,7 +178,10 @@ def main() -> None:
     for arch in args.archs:
         for encoder in args.encoders:
             model = ["--arch", arch, "--encoder", encoder, *common]
-            res: Dict[str, Dict[str, list]] = {"infer": {s: [] for s in sides}, "train": {s: [] for s in sides}}
+            res: Dict[str, Dict[str, list]] = {
+                "infer": {s: [] for s in sides},
+                "train": {s: [] for s in sides},
+            }
             for r in range(args.rounds):
                 for side in order(r):
                     fast = ["--fast", args.fast] if side == "ours" else []
@@ -165,16 +193,23 @@ def main() -> None:
                 print(row, flush=True)
             lines += rows
 
-    lines += ["", "## Targets (issue 7) over this run", "", "| metric | target | met | geometric mean ratio |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Targets (issue 7) over this run",
+        "",
+        "| metric | target | met | geometric mean ratio |",
+        "|---|---|---|---|",
+    ]
     for label, (kind, threshold) in TARGETS.items():
         if not verdicts[label]:
             continue
         gm = statistics.geometric_mean(ratios[label])
         sign = ">=" if kind == "speed" else "<="
         unit = "x faster" if kind == "speed" else "x memory"
-        lines.append(f"| {label} | {sign} {threshold:.2f}{unit} | {sum(verdicts[label])}/{len(verdicts[label])} "
-                     f"| {gm:.2f}{unit} |")
+        lines.append(
+            f"| {label} | {sign} {threshold:.2f}{unit} | {sum(verdicts[label])}/{len(verdicts[label])} "
+            f"| {gm:.2f}{unit} |"
+        )
     lines.append(
         f"\nRatios: SMP time / our time (> 1: we are faster); our memory / SMP memory (< 1: we use less). "
         f"`fast path` = `smp.optimize_for_inference(model)` (bf16: `dtype=torch.bfloat16`), compared with "
@@ -192,8 +227,9 @@ def main() -> None:
 
 
 def _torch_version() -> str:
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
+    )
     return out.stdout.strip() or "?"
 
 
@@ -209,7 +245,7 @@ def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:
                 rows.append(f"| {name} | {label} | error: {err} | | | | | |")
             continue
 
-        def gflops(rs, t):
+        def gflops(rs, t, key=key):
             f = median(rs, "flops")
             return f"{f / t / 1e9:.0f} ({100 * f / t / 1e9 / peak:.0f}%)" if f and key != "build_s" else ""
 
@@ -232,12 +268,16 @@ def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:
         met = mo / ms <= TARGETS["train peak RSS"][1]
         verdicts["train peak RSS"].append(met)
         ratios["train peak RSS"].append(mo / ms)
-        rows.append(f"| {name} | train peak RSS | {mo:.0f} MB | {ms:.0f} MB | {mo / ms:.2f}x memory | "
-                    f"{'met' if met else 'no'} | | |")
+        rows.append(
+            f"| {name} | train peak RSS | {mo:.0f} MB | {ms:.0f} MB | {mo / ms:.2f}x memory | "
+            f"{'met' if met else 'no'} | | |"
+        )
         do, ds = train_delta(ours_t), train_delta(smp_t)
         if do and ds:
-            rows.append(f"| {name} | training memory (peak - after build) | {do:.0f} MB | {ds:.0f} MB | "
-                        f"{do / ds:.2f}x memory | | | |")
+            rows.append(
+                f"| {name} | training memory (peak - after build) | {do:.0f} MB | {ds:.0f} MB | "
+                f"{do / ds:.2f}x memory | | | |"
+            )
     return rows
 
 

@@ -94,7 +94,7 @@ def render(rows: List[Dict[str, Any]]) -> str:
         f"{len(rows)} registered encoders (any timm model is also available as `tu-<name>`). "
         "*Params*: encoder parameters at depth 5 with 3 input channels. *Dilation*: accepts "
         "`output_stride` 8/16 (`encoder_output_stride` of DeepLabV3/V3+ and PAN). *Stride-2 feature*: "
-        "\"no\" means the first feature map is at stride 4 and a 0-channel placeholder stands at "
+        '"no" means the first feature map is at stride 4 and a 0-channel placeholder stands at '
         "stride 2.",
         "",
         "| Encoder | Family | Weights | Params | Dilation | Max depth | Stride-2 feature |",

@@ -66,7 +66,10 @@ def run_worker(arch: str, checks: List[str], threads: int) -> None:
     for name in checks:
         r = cap.run_check(name, model, x)
         results[name] = {
-            "status": r.status, "detail": r.detail, "max_error": r.max_error, "seconds": r.seconds
+            "status": r.status,
+            "detail": r.detail,
+            "max_error": r.max_error,
+            "seconds": r.seconds,
         }
         print(f"  {arch:14s} {name:19s} {r.status:11s} {r.seconds:6.1f}s {r.detail[:120]}", file=sys.stderr)
     config = cap.representative_config(arch)
@@ -78,8 +81,16 @@ def _jsonable(config: Dict) -> Dict:
 
 
 def run_arch(arch: str, checks: List[str], threads: int, timeout: float) -> Dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", arch, "--checks", ",".join(checks),
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        arch,
+        "--checks",
+        ",".join(checks),
+        "--threads",
+        str(threads),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
     try:
@@ -90,11 +101,14 @@ def run_arch(arch: str, checks: List[str], threads: int, timeout: float) -> Dict
     except subprocess.TimeoutExpired:
         reason = f"worker timed out after {timeout:.0f}s"
         return {"arch": arch, "config": {}, "results": {c: _crash(reason) for c in checks}}
-    sys.stderr.write(proc.stderr[-20000:] if proc.returncode else "".join(
-        line + "\n" for line in proc.stderr.splitlines() if line.startswith("  ")))
+    sys.stderr.write(
+        proc.stderr[-20000:]
+        if proc.returncode
+        else "".join(line + "\n" for line in proc.stderr.splitlines() if line.startswith("  "))
+    )
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
-            data = json.loads(line[len(RESULT_MARK):])
+            data = json.loads(line[len(RESULT_MARK) :])
             data["wall"] = time.perf_counter() - start
             return data
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -186,8 +200,7 @@ def render(records: List[Dict], checks: List[str], jobs: int = 1, threads: int =
         "- **ONNX + onnxruntime**: `smp.utils.export_onnx(model, path)` (torch.export-based exporter,"
         " opset 18, dynamic batch/height/width), run in onnxruntime on both shapes,"
         f" within {RTOL:g}.",
-        "- **channels_last**: model and input in `torch.channels_last`, both shapes, within"
-        f" {RTOL:g}.",
+        f"- **channels_last**: model and input in `torch.channels_last`, both shapes, within {RTOL:g}.",
         f"- **autocast**: `torch.autocast` output finite and within {MIXED_PRECISION_RTOL:g} of float32.",
         "",
         *lines,
@@ -195,11 +208,23 @@ def render(records: List[Dict], checks: List[str], jobs: int = 1, threads: int =
     ]
     if notes:
         out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
-    out += ["## Largest relative error vs eager", "", *errors, "", "## Seconds per check", "",
-            f"Wall-clock seconds on the machine above ({threads} torch thread(s) per architecture, {jobs}"
-            " architecture(s) at a time, cold inductor cache); useful to budget the test suite.", "",
-            *times, "",
-            "## Models", "", *configs, ""]
+    out += [
+        "## Largest relative error vs eager",
+        "",
+        *errors,
+        "",
+        "## Seconds per check",
+        "",
+        f"Wall-clock seconds on the machine above ({threads} torch thread(s) per architecture, {jobs}"
+        " architecture(s) at a time, cold inductor cache); useful to budget the test suite.",
+        "",
+        *times,
+        "",
+        "## Models",
+        "",
+        *configs,
+        "",
+    ]
     return "\n".join(out)
 
 

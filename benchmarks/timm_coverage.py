@@ -145,8 +145,17 @@ def _load(path: Path) -> Dict[str, Dict]:
 def _run_chunk(chunk: List[str], out: Path, args: argparse.Namespace) -> subprocess.Popen:
     part = out.with_suffix(f".part{os.getpid()}_{time.time_ns()}.jsonl")
     cmd = [
-        sys.executable, __file__, "--worker", "--names", ",".join(chunk), "--part", str(part),
-        "--size", str(args.size), "--max-params", str(args.max_params),
+        sys.executable,
+        __file__,
+        "--worker",
+        "--names",
+        ",".join(chunk),
+        "--part",
+        str(part),
+        "--size",
+        str(args.size),
+        "--max-params",
+        str(args.max_params),
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never touch the network
@@ -172,8 +181,16 @@ def _harvest(proc: subprocess.Popen, out: Path, reason: str = "") -> List[str]:
             f.write(line + "\n")
         culprit = started if started not in finished else None
         if reason and culprit:
-            f.write(json.dumps({"name": culprit, "status": "fail", "results": {
-                a: {"ok": False, "error": reason, "stage": "worker"} for a in ARCHS}}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "name": culprit,
+                        "status": "fail",
+                        "results": {a: {"ok": False, "error": reason, "stage": "worker"} for a in ARCHS},
+                    }
+                )
+                + "\n"
+            )
             finished.append(culprit)
     if part.exists():
         part.unlink()
@@ -265,9 +282,7 @@ def report(out: Path, names: Iterable[str] = ()) -> Dict:
             f"tried: {len(tried)}  success in Unet and FPN: {len(ok)} ({100 * len(ok) / len(tried):.1f}%)"
             f"  [of which needing img_size: {counts['ok_img_size']}]"
         )
-    resampled = sum(
-        1 for r in ok if any(x.get("resampled") for x in r.get("results", {}).values())
-    )
+    resampled = sum(1 for r in ok if any(x.get("resampled") for x in r.get("results", {}).values()))
     print(f"successes through the resampling adapter (plain ViTs & co): {resampled}")
     groups: Dict[str, List[str]] = defaultdict(list)
     for r in tried:
@@ -285,7 +300,9 @@ def main() -> None:
     p.add_argument("--start", type=int, default=0, help="first index in the sorted architecture list")
     p.add_argument("--stop", type=int, default=None, help="end index (exclusive)")
     p.add_argument(
-        "--sample", type=int, default=0,
+        "--sample",
+        type=int,
+        default=0,
         help="random sample of this many architectures, run in random order (a large number: all)",
     )
     p.add_argument("--seed", type=int, default=0)
