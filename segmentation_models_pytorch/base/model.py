@@ -132,6 +132,18 @@ class SegmentationModel(nn.Module, SMPHubMixin):
         )
         return self.encoder
 
+    def build_decoder(self, decoder_cls: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+        """Create and initialise ``self.decoder = decoder_cls(*args, **kwargs)``; return it.
+
+        The decoder's layers skip their default initialisation (it would be overwritten at once, see
+        :func:`~segmentation_models_pytorch.base.initialization.deferred_init`).
+        """
+        with init.deferred_init(lambda: decoder_cls(*args, **kwargs), init.DECODER_INIT_TYPES) as decoder:
+            init.initialize_decoder(decoder)
+        self.decoder = decoder
+        self._decoder_initialized = True  # read once by initialize(), which would redo the work
+        return decoder
+
     def build_heads(
         self,
         decoder_channels: int,
@@ -162,10 +174,13 @@ class SegmentationModel(nn.Module, SMPHubMixin):
 
     def initialize(self) -> None:
         """Initialise decoder and heads (the encoder keeps its own or pretrained weights)."""
-        init.initialize_decoder(self.decoder)
-        init.initialize_head(self.segmentation_head)
+        plan = init.InitPlan()  # all random fills at once, spread over a few RNG streams
+        if not self.__dict__.pop("_decoder_initialized", False):
+            init.initialize_decoder(self.decoder, plan)
+        init.initialize_head(self.segmentation_head, plan)
         if self.classification_head is not None:
-            init.initialize_head(self.classification_head)
+            init.initialize_head(self.classification_head, plan)
+        plan.run()
 
     # ------------------------------------------------------------------ input handling
     @property

@@ -303,7 +303,8 @@ class DeepLabV3(SegmentationModel):
             **kwargs,
         )
         check_output_stride("DeepLabV3", encoder, encoder_output_stride)
-        self.decoder = DeepLabV3Decoder(
+        self.decoder = self.build_decoder(
+            DeepLabV3Decoder,
             in_channels=encoder.out_channels[-1],
             out_channels=decoder_channels,
             atrous_rates=decoder_atrous_rates,
@@ -380,7 +381,8 @@ class DeepLabV3Plus(SegmentationModel):
             **kwargs,
         )
         check_output_stride("DeepLabV3Plus", encoder, encoder_output_stride)
-        self.decoder = DeepLabV3PlusDecoder(
+        self.decoder = self.build_decoder(
+            DeepLabV3PlusDecoder,
             encoder_channels=encoder.out_channels,
             encoder_depth=encoder_depth,
             out_channels=decoder_channels,

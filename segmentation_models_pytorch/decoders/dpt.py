@@ -285,7 +285,8 @@ class DPT(SegmentationModel):
                 UserWarning,
                 stacklevel=2,
             )
-        self.decoder = DPTDecoder(
+        self.decoder = self.build_decoder(
+            DPTDecoder,
             encoder_out_channels=self.encoder.out_channels,
             encoder_output_strides=self.encoder.output_strides,
             encoder_has_prefix_tokens=self.encoder.has_prefix_tokens,

@@ -167,7 +167,8 @@ class FPN(SegmentationModel):
     ) -> None:
         super().__init__()
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
-        self.decoder = FPNDecoder(
+        self.decoder = self.build_decoder(
+            FPNDecoder,
             encoder_channels=encoder.out_channels,
             encoder_depth=encoder_depth,
             pyramid_channels=decoder_pyramid_channels,

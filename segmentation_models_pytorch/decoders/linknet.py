@@ -101,8 +101,12 @@ class Linknet(SegmentationModel):
         super().__init__()
         decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
-        self.decoder = LinknetDecoder(
-            encoder.out_channels, prefinal_channels=32, n_blocks=encoder_depth, use_norm=decoder_use_norm
+        self.decoder = self.build_decoder(
+            LinknetDecoder,
+            encoder.out_channels,
+            prefinal_channels=32,
+            n_blocks=encoder_depth,
+            use_norm=decoder_use_norm,
         )
         self.build_heads(32, classes, activation, aux_params, kernel_size=1)
         self.name = f"link-{encoder_name}"

@@ -208,7 +208,8 @@ class MAnet(SegmentationModel):
         super().__init__()
         decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
-        self.decoder = MAnetDecoder(
+        self.decoder = self.build_decoder(
+            MAnetDecoder,
             encoder_channels=encoder.out_channels,
             decoder_channels=decoder_channels,
             n_blocks=encoder_depth,

@@ -246,7 +246,8 @@ class PAN(SegmentationModel):
             **kwargs,
         )
         check_output_stride("PAN", encoder, encoder_output_stride)
-        self.decoder = PANDecoder(
+        self.decoder = self.build_decoder(
+            PANDecoder,
             encoder_channels=encoder.out_channels,
             encoder_depth=encoder_depth,
             decoder_channels=decoder_channels,

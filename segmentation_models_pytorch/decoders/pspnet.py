@@ -106,7 +106,8 @@ class PSPNet(SegmentationModel):
         super().__init__()
         decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
-        self.decoder = PSPDecoder(
+        self.decoder = self.build_decoder(
+            PSPDecoder,
             encoder.out_channels,
             use_norm=decoder_use_norm,
             out_channels=psp_out_channels,

@@ -90,7 +90,8 @@ class Segformer(SegmentationModel):
     ) -> None:
         super().__init__()
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
-        self.decoder = SegformerDecoder(
+        self.decoder = self.build_decoder(
+            SegformerDecoder,
             encoder_channels=encoder.out_channels,
             encoder_depth=encoder_depth,
             segmentation_channels=decoder_segmentation_channels,

@@ -264,7 +264,8 @@ class Unet(DeepSupervisionMixin, SegmentationModel):
         decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
         deep_supervision = self._setup_deep_supervision(kwargs)
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
-        self.decoder = UnetDecoder(
+        self.decoder = self.build_decoder(
+            UnetDecoder,
             encoder_channels=encoder.out_channels,
             decoder_channels=decoder_channels,
             n_blocks=encoder_depth,

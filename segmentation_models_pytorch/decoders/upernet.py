@@ -157,7 +157,8 @@ class UPerNet(SegmentationModel):
         super().__init__()
         decoder_use_norm = decoder_norm(kwargs, decoder_use_norm)
         encoder = self.build_encoder(encoder_name, in_channels, encoder_depth, encoder_weights, **kwargs)
-        self.decoder = UPerNetDecoder(
+        self.decoder = self.build_decoder(
+            UPerNetDecoder,
             encoder_channels=encoder.out_channels,
             encoder_depth=encoder_depth,
             decoder_channels=decoder_channels,

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..base.initialization import DEFAULT_INIT_TYPES, default_init, deferred_init
 from ._base import EncoderMixin
 from ._registry import HALF, IMAGENET, hub
 
@@ -109,7 +110,10 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
             raise ValueError(
                 f"Unknown efficientnet-pytorch model {model_name!r}; expected one of {_MODEL_NAMES}."
             )
-        net = EfficientNet.from_name(model_name, include_top=False)
+        # The package only runs PyTorch's default layer init: the same, in one parallel pass.
+        build = lambda: EfficientNet.from_name(model_name, include_top=False)  # noqa: E731
+        with deferred_init(build, DEFAULT_INIT_TYPES) as net:
+            default_init(net)
         self._global_params = net._global_params
         self._blocks_args = net._blocks_args
         self._drop_connect_rate = float(self._global_params.drop_connect_rate or 0.0)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
 from ._base import EncoderMixin
 from ._registry import hub
 
@@ -36,7 +37,11 @@ class MobileNetV2Encoder(nn.Module, EncoderMixin):
             raise ValueError(f"{type(self).__name__} depth should be in range [1, 5], got {depth}")
         from torchvision.models import MobileNetV2
 
-        self.features = MobileNetV2(**kwargs).features  # the classifier is left behind
+        # Initialised once with torchvision's scheme (torchvision would run every layer's default
+        # init first, then overwrite it).
+        with deferred_init(lambda: MobileNetV2(**kwargs).features, TORCHVISION_INIT_TYPES) as features:
+            torchvision_init(features)  # the classifier is left behind
+        self.features = features
         # Indexes of the blocks whose outputs are the stride 2, 4, 8, 16 and 32 features.
         self._out_indexes: list[int] = [1, 3, 6, 13, len(self.features) - 1]
         self._depth = depth

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Union
 import torch
 from torch import nn
 
-from ..base.initialization import fresh_channels_last, kaiming_
+from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
 from ._base import EncoderMixin
 from ._registry import hub
 
@@ -24,19 +24,9 @@ def _init_like_torchvision(net: nn.Module, zero_init_residual: bool = False) -> 
     """torchvision's ResNet initialisation: He-normal (fan_out) convs, unit norms, fresh statistics."""
     from torchvision.models import resnet as tv
 
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                fresh_channels_last(m)
-                kaiming_(m.weight, mode="fan_out", normal=True)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-                if isinstance(m, nn.BatchNorm2d):
-                    m.reset_running_stats()
-        if zero_init_residual:
+    torchvision_init(net)
+    if zero_init_residual:
+        with torch.no_grad():
             for m in net.modules():
                 if isinstance(m, tv.Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
@@ -65,15 +55,14 @@ class ResNetEncoder(nn.Module, EncoderMixin):
             raise ValueError(f"{type(self).__name__} depth should be in range [1, 5], got {depth}")
         from torchvision.models.resnet import ResNet
 
-        # Build on the meta device and initialise once, with torchvision's own scheme: torchvision
-        # would first run every layer's default init and then overwrite it (twice the work).
-        with torch.device("meta"):
-            net = ResNet(
-                _block_class(block), list(layers), groups=groups, width_per_group=width_per_group, **kwargs
-            )
-        del net.fc  # the classifier is never used
-        net.to_empty(device="cpu")
-        _init_like_torchvision(net, zero_init_residual=kwargs.get("zero_init_residual", False))
+        # torchvision would run every layer's default init and then overwrite it with its own scheme:
+        # skip the first (twice the work otherwise) and run the second, on parallel RNG streams.
+        build = lambda: ResNet(  # noqa: E731
+            _block_class(block), list(layers), groups=groups, width_per_group=width_per_group, **kwargs
+        )
+        with deferred_init(build, TORCHVISION_INIT_TYPES) as net:
+            del net.fc  # the classifier is never used
+            _init_like_torchvision(net, zero_init_residual=kwargs.get("zero_init_residual", False))
         # Adopt the backbone's modules under the same attribute names: they are the checkpoint keys.
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))
