@@ -156,6 +156,35 @@ class Conv2dReLU(nn.Sequential):
         super().__init__(conv, norm, act)
 
 
+# fold[a] maps a 3x3 kernel's rows (or columns) onto the 2 low-resolution rows that output phase
+# ``a`` of a nearest-2x-upsampled image sees: phase 0 reads rows (i-1, i, i), phase 1 (i, i, i+1).
+_PHASE_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)``, cheaper.
+
+    Nearest 2x upsampling repeats every pixel in a 2x2 block, so each of the four output phases
+    (even/odd row, even/odd column) of a 3x3 convolution sees only 2x2 distinct input pixels. The
+    3x3 kernel is folded into four 2x2 kernels and run as one low-resolution convolution: 2.25x fewer
+    FLOPs, and neither the upsampled image nor anything of its size is kept for backward. Same
+    values up to float rounding (the folded kernels sum up to four weights). ``x`` must be
+    channels_last: the phases are interleaved in NHWC.
+    """
+    fold = torch.tensor(_PHASE_FOLD, dtype=weight.dtype, device=weight.device)
+    out_channels = weight.shape[0]
+    # kernels[a, b] = fold[a] @ w @ fold[b]^T for every (out, in) channel pair
+    kernels = torch.einsum("apr,bqs,oirs->aboipq", fold, fold, weight).reshape(4 * out_channels, -1, 2, 2)
+    y = F.conv2d(x, kernels.contiguous(memory_format=torch.channels_last), padding=1)
+    n, _, h1, w1 = y.shape
+    h, w = h1 - 1, w1 - 1
+    # NHWC view (n, h+1, w+1, a, b, out); phase (a, b) of output pixel (i, j) is at (i+a, j+b).
+    y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, out_channels))
+    rows = [torch.stack([y[:, a : a + h, b : b + w, a, b, :] for b in range(2)], dim=3) for a in range(2)]
+    out = torch.stack(rows, dim=2)  # (n, h, a, w, b, out)
+    return out.reshape(n, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
+
+
 class SCSEModule(nn.Module):
     """Concurrent spatial and channel squeeze & excitation (Roy et al., 2018)."""
 

@@ -15,7 +15,7 @@ from torch import nn
 from .. import _compat
 from ..base import initialization as init
 from ..base import modules as md
-from ..base.model import SegmentationModel, decoder_norm
+from ..base.model import SegmentationModel, decoder_norm, is_torch_compiling
 
 
 class UnetCenterBlock(nn.Sequential):
@@ -56,11 +56,54 @@ class UnetDecoderBlock(nn.Module):
         target_width: int,
         skip: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript compiles the plain path only
+            if self._can_fold(x, target_height, target_width):
+                return self._folded_forward(x, skip)
         x = F.interpolate(x, size=(target_height, target_width), mode=self.interpolation_mode)
         if skip is not None:
             x = self.attention1(torch.cat([x, skip], dim=1))
         x = self.conv2(self.conv1(x))
         return self.attention2(x)
+
+
+    @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused methods
+    def _can_fold(self, x, target_height, target_width):
+        """Whether :meth:`_folded_forward` computes exactly this block (eager, default layout)."""
+        conv = self.conv1[0]
+        return (
+            not (torch.jit.is_tracing() or is_torch_compiling())  # graphs keep the plain ops
+            and self.interpolation_mode == "nearest"
+            and isinstance(self.attention1.attention, nn.Identity)
+            and type(conv) is nn.Conv2d
+            and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and target_height == 2 * x.shape[2]
+            and target_width == 2 * x.shape[3]
+            and x.is_contiguous(memory_format=torch.channels_last)
+        )
+
+    @torch.jit.unused
+    def _folded_forward(self, x, skip):
+        """This block without materialising the upsampled input or the concatenation.
+
+        ``conv1(cat([up(x), skip]))`` is ``conv(up(x), W[:, :C]) + conv(skip, W[:, C:])``; the first
+        term is computed at low resolution (:func:`~..base.modules.upsample2x_conv3x3`). Saves a
+        quarter to a half of this block's FLOPs and its two largest activations.
+        """
+        conv = self.conv1[0]
+        c = x.shape[1]
+        y = md.upsample2x_conv3x3(x, conv.weight[:, :c])
+        if skip is not None and skip.shape[1] > 0:  # 0 channels: an encoder's stride-2 placeholder
+            y = F.conv2d(skip, conv.weight[:, c:], conv.bias, padding=1).add_(y)
+        elif conv.bias is not None:
+            y = y + conv.bias.reshape(1, -1, 1, 1)
+        for layer in list(self.conv1)[1:]:  # norm, activation
+            y = layer(y)
+        return self.attention2(self.conv2(y))
 
 
 class UnetDecoder(nn.Module):
