@@ -84,6 +84,9 @@ class UnetDecoderBlock(nn.Module):
             and target_height == 2 * x.shape[2]
             and target_width == 2 * x.shape[3]
             and x.is_contiguous(memory_format=torch.channels_last)
+            # the model's default layout; after .to(memory_format=contiguous_format) stay bit-exact
+            and conv.weight.is_contiguous(memory_format=torch.channels_last)
+            and not conv.weight.is_contiguous()
         )
 
     @torch.jit.unused
