@@ -71,7 +71,13 @@ def main() -> None:
     t2 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = {"what": args.what, "torch_import_s": t1 - t0, "import_s": t2 - t1, "smp_file": smp.__file__}
+    out = {
+        "what": args.what,
+        "torch_import_s": t1 - t0,
+        "import_s": t2 - t1,
+        "smp_file": smp.__file__,
+        "torch": torch.__version__,
+    }
     if args.what == "import":
         print(json.dumps(out))
         return

@@ -142,7 +142,8 @@ def main() -> None:
         return names if round_index % 2 == 0 else names[::-1]
 
     # Both sides must really load their own library (a stray install would make this a self-race).
-    files = {s: run_worker(py, env, ["import"]).get("smp_file", "?") for s, (py, env) in sides.items()}
+    probes = {s: run_worker(py, env, ["import"]) for s, (py, env) in sides.items()}
+    files = {s: r.get("smp_file", "?") for s, r in probes.items()}
     if files["ours"] == files["smp"] or not files["ours"].startswith(str(ROOT)):
         sys.exit(f"both sides import the same library: {files}")
 
@@ -152,7 +153,7 @@ def main() -> None:
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"fp32 matmul peak {peak:.0f} GFLOP/s (best 2048x2048 matmul); device {args.device}; "
-        f"torch {_torch_version()}; input {args.batch}x3x{args.size}x{args.size}; "
+        f"torch {probes['ours'].get('torch', '?')}; input {args.batch}x3x{args.size}x{args.size}; "
         f"{args.rounds} rounds (sides alternate, a fresh process each), medians of {args.reps} reps."
     ]
     print(lines[0], flush=True)
@@ -227,13 +228,6 @@ def main() -> None:
         "on this hardware.\n\n" + "\n".join(lines) + "\n"
     )
     print(f"wrote {args.out}")
-
-
-def _torch_version() -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True
-    )
-    return out.stdout.strip() or "?"
 
 
 def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:

@@ -203,7 +203,8 @@ def torchvision_init(net: nn.Module, plan: Optional[InitPlan] = None) -> None:
                 reset_norm(m)
             elif isinstance(m, nn.Linear):
                 plan.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     _run_now(plan, fill)
 

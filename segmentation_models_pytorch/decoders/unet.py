@@ -65,7 +65,6 @@ class UnetDecoderBlock(nn.Module):
         x = self.conv2(self.conv1(x))
         return self.attention2(x)
 
-
     @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused methods
     def _can_fold(self, x, target_height, target_width):
         """Whether :meth:`_folded_forward` computes exactly this block (eager, default layout)."""
