@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import _compat
 from . import initialization as init
+from . import recompute
 from .heads import ClassificationHead, SegmentationHead
 from .hub_mixin import SMPHubMixin
 
@@ -114,6 +115,9 @@ class SegmentationModel(nn.Module, SMPHubMixin):
         # ordinary contiguous layout. Set to False (and call .to(memory_format=torch.contiguous_format))
         # to opt out.
         self.channels_last = True
+        # In a training forward, keep only convolution outputs for backward and recompute the cheap
+        # norm/activation tensors between them (base/recompute.py): less memory, same gradients.
+        self.recompute_activations = True
 
     # ------------------------------------------------------------------ building helpers
     def build_encoder(
@@ -231,6 +235,26 @@ class SegmentationModel(nn.Module, SMPHubMixin):
     def _segmentation_forward(self, x: torch.Tensor):
         # The body of forward, callable from subclasses that override forward (TorchScript has no
         # super()).
+        if not torch.jit.is_scripting():
+            if self._wants_recompute():
+                return self._recomputing_forward(x)
+        return self._plain_forward(x)
+
+    @torch.jit.unused
+    def _wants_recompute(self):
+        return (
+            getattr(self, "recompute_activations", False)
+            and torch.is_grad_enabled()
+            and not recompute.scope_active()  # already inside a scope
+            and not (torch.jit.is_tracing() or is_torch_compiling())
+        )
+
+    @torch.jit.unused
+    def _recomputing_forward(self, x):
+        with recompute.recompute_scope(True):
+            return self._plain_forward(x)
+
+    def _plain_forward(self, x: torch.Tensor):
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_torch_compiling()):
             self.check_input_shape(x)
         h, w = x.shape[-2], x.shape[-1]

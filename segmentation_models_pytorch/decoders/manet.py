@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import _compat
 from ..base import modules as md
+from ..base import recompute
 from ..base.model import SegmentationModel, decoder_norm
 from .unet import _INTERPOLATIONS
 
@@ -54,7 +55,7 @@ def _squeeze_excite(channels: int, reduced: int) -> nn.Sequential:
     )
 
 
-class MFABBlock(nn.Module):
+class MFABBlock(recompute.ChainedConvPair, nn.Module):
     """Multi-scale fusion attention: the upsampled deep feature is re-weighted by channel attention
     computed from both itself and the skip, then fused with the skip."""
 
@@ -88,10 +89,10 @@ class MFABBlock(nn.Module):
             raise ValueError("MFABBlock needs a skip connection.")
         x = F.interpolate(self.hl_conv(x), size=size, mode=self.interpolation_mode)
         x = x * (self.SE_hl(x) + self.SE_ll(skip))
-        return self.conv2(self.conv1(torch.cat([x, skip], dim=1)))
+        return self._conv_pair(torch.cat([x, skip], dim=1))
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(recompute.ChainedConvPair, nn.Module):
     """Upsample to the target size, concatenate the skip (if any), two 3x3 conv-norm-ReLU."""
 
     def __init__(
@@ -113,7 +114,7 @@ class DecoderBlock(nn.Module):
         x = F.interpolate(x, size=size, mode=self.interpolation_mode)
         if skip is not None:
             x = torch.cat([x, skip], dim=1)
-        return self.conv2(self.conv1(x))
+        return self._conv_pair(x)
 
 
 class MAnetDecoder(nn.Module):

@@ -15,6 +15,7 @@ from torch import nn
 from .. import _compat
 from ..base import initialization as init
 from ..base import modules as md
+from ..base import recompute
 from ..base.model import SegmentationModel, decoder_norm, is_torch_compiling
 
 
@@ -28,7 +29,7 @@ class UnetCenterBlock(nn.Sequential):
         )
 
 
-class UnetDecoderBlock(nn.Module):
+class UnetDecoderBlock(recompute.ChainedConvPair, nn.Module):
     """Upsample to the skip's size, concatenate the skip, then two 3x3 conv-norm-ReLU."""
 
     def __init__(
@@ -62,8 +63,7 @@ class UnetDecoderBlock(nn.Module):
         x = F.interpolate(x, size=(target_height, target_width), mode=self.interpolation_mode)
         if skip is not None:
             x = self.attention1(torch.cat([x, skip], dim=1))
-        x = self.conv2(self.conv1(x))
-        return self.attention2(x)
+        return self.attention2(self._conv_pair(x))
 
     @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused methods
     def _can_fold(self, x, target_height, target_width):
@@ -103,9 +103,11 @@ class UnetDecoderBlock(nn.Module):
             y = F.conv2d(skip, conv.weight[:, c:], conv.bias, padding=1).add_(y)
         elif conv.bias is not None:
             y = y + conv.bias.reshape(1, -1, 1, 1)
-        for layer in list(self.conv1)[1:]:  # norm, activation
-            y = layer(y)
-        return self.attention2(self.conv2(y))
+        chain = recompute.Chain(y)  # conv1's norm and activation, then conv2's convolution
+        chain.norm(self.conv1[1])
+        chain.act(self.conv1[2])
+        y = chain.consume(self.conv2[0])
+        return self.attention2(self.conv2[2](self.conv2[1](y)))
 
 
 class UnetDecoder(nn.Module):

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..base import recompute
 from ..base.initialization import DEFAULT_INIT_TYPES, default_init, deferred_init
 from ._base import EncoderMixin
 from ._registry import HALF, IMAGENET, hub
@@ -59,6 +61,9 @@ class MBConvBlock(nn.Module):
         self._swish = nn.SiLU()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if recompute.scope_active():
+                return self._chained_forward(inputs)
         x = inputs
         if self._has_expansion:
             x = self._swish(self._bn0(self._expand_conv(x)))
@@ -73,6 +78,64 @@ class MBConvBlock(nn.Module):
                 x = _drop_connect(x, self._drop_connect_rate)
             x = x + inputs
         return x
+
+    @torch.jit.unused
+    def _chained_forward(self, inputs):
+        """:meth:`forward` in a model's training forward: of the expanded (widest) tensors only the
+        two convolution outputs are kept; norms, activations, padding and the excitation product are
+        recomputed in backward."""
+        pad, depthwise = _split_static_padding(self._depthwise_conv)
+        if self._has_expansion:
+            chain = recompute.Chain(self._expand_conv(inputs))
+            chain.norm(self._bn0)
+            chain.act(self._swish)
+            chain.act(pad)
+            x = chain.consume(depthwise)
+        else:
+            x = self._depthwise_conv(inputs)
+        chain = recompute.Chain(x)
+        chain.norm(self._bn1)
+        x = chain.act(self._swish)
+        if self._has_se:
+            s = x.mean((2, 3), keepdim=True)
+            s = self._se_expand(self._swish(self._se_reduce(s)))
+            chain.mul(torch.sigmoid(s))
+        pad, project = _split_static_padding(self._project_conv)
+        chain.act(pad)
+        x = self._bn2(chain.consume(project))
+        if self._has_skip:
+            if self.training and self._drop_connect_rate > 0:
+                x = _drop_connect(x, self._drop_connect_rate)
+            x = x + inputs
+        return x
+
+
+def _fold_symmetric_padding(module: nn.Module) -> None:
+    """Give "same"-padding convs whose static pad is symmetric (all stride-1 ones) that padding
+    as their own ``padding``: the same zeros without a padded copy of the input (no parameters
+    change). Asymmetric pads (stride 2 on even sizes) stay."""
+    from efficientnet_pytorch.utils import Conv2dStaticSamePadding
+
+    for m in module.modules():
+        if type(m) is Conv2dStaticSamePadding and type(m.static_padding) is nn.ZeroPad2d:
+            left, right, top, bottom = m.static_padding.padding
+            if left == right and top == bottom and tuple(m.padding) == (0, 0):
+                m.padding = (top, left)
+                m.static_padding = nn.Identity()
+
+
+def _split_static_padding(conv: nn.Module):
+    """``(padding module, convolution without it)`` for efficientnet-pytorch's static "same"-padding
+    conv (its forward is exactly the two), so that a chain can recompute the padded copy too."""
+    from efficientnet_pytorch.utils import Conv2dStaticSamePadding
+
+    if type(conv) is not Conv2dStaticSamePadding:
+        return nn.Identity(), conv
+
+    def convolve(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    return conv.static_padding, convolve
 
 
 class EfficientNetEncoder(nn.Module, EncoderMixin):
@@ -128,6 +191,7 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
         self._conv_head = net._conv_head
         self._bn1 = net._bn1
         self._swish = nn.SiLU()
+        _fold_symmetric_padding(self)
 
         self._out_indexes = [int(i) for i in out_indexes]
         self._depth = depth

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base import recompute
 from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
 from ._base import EncoderMixin
 from ._registry import hub
@@ -53,6 +54,9 @@ class MobileNetV2Encoder(nn.Module, EncoderMixin):
         return {16: [self.features[7:14]], 32: [self.features[14:]]}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not torch.jit.is_scripting():
+            if recompute.scope_active():
+                return self._chained_forward(x)
         features = [x]
         for i, module in enumerate(self.features):
             # Blocks past the deepest requested feature are skipped (a loop `break` would not
@@ -63,13 +67,44 @@ class MobileNetV2Encoder(nn.Module, EncoderMixin):
                     features.append(x)
         return features
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
+    @torch.jit.unused
+    def _chained_forward(self, x):
+        """:meth:`forward` in a model's training forward: each inverted residual keeps only its
+        convolution outputs (norm + ReLU6 recomputed in backward)."""
+        features = [x]
+        for i, module in enumerate(self.features):
+            if len(features) <= self._depth:
+                x = _chained_inverted_residual(module, x)
+                if i in self._out_indexes:
+                    features.append(x)
+        return features
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load weights; torchvision's classifier keys are dropped, as SMP does."""
         prefixes = self._ignored_weight_prefixes
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _chained_inverted_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``InvertedResidual`` (expand -> depthwise -> project [+ x]) with every
+    conv-norm-ReLU6 chained into the next convolution; other modules run as they are."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    if type(block) is not InvertedResidual:
+        return block(x)
+    *stages, project, norm = list(block.conv)  # [conv-norm-ReLU6...], project conv, its norm
+    if not stages or not all(type(s) is Conv2dNormActivation and len(s) == 3 for s in stages):
+        return block(x)
+    y = stages[0][0](x)
+    for stage, consumer in zip(stages, [s[0] for s in stages[1:]] + [project]):
+        chain = recompute.Chain(y)
+        chain.norm(stage[1])
+        chain.act(stage[2])
+        y = chain.consume(consumer)
+    y = norm(y)
+    return x + y if block.use_res_connect else y
 
 
 # The weights expect ImageNet-normalised RGB in [0, 1].

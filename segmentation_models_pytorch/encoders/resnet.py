@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Union
 import torch
 from torch import nn
 
+from ..base import recompute
 from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
 from ._base import EncoderMixin
 from ._registry import hub
@@ -80,6 +81,9 @@ class ResNetEncoder(nn.Module, EncoderMixin):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if not torch.jit.is_scripting():
+            if recompute.scope_active():
+                return self._chained_forward(x)
         features = [x]
         if self._depth >= 1:
             x = self.relu(self.bn1(self.conv1(x)))
@@ -97,6 +101,48 @@ class ResNetEncoder(nn.Module, EncoderMixin):
             x = self.layer4(x)
             features.append(x)
         return features
+
+    @torch.jit.unused
+    def _chained_forward(self, x):
+        """:meth:`forward` in a model's training forward: residual blocks keep fewer tensors."""
+        features = [x]
+        if self._depth >= 1:
+            x = self.relu(self.bn1(self.conv1(x)))
+            features.append(x)
+        for i, layer in enumerate([self.layer1, self.layer2, self.layer3, self.layer4]):
+            if self._depth >= i + 2:
+                x = self.maxpool(x) if i == 0 else x
+                for block in layer:
+                    x = _chained_block(block, x)
+                features.append(x)
+        return features
+
+
+def _chained_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision residual block with each norm and ReLU chained into the next convolution.
+
+    Same operations as ``BasicBlock.forward`` / ``Bottleneck.forward``; other block types run as is.
+    """
+    from torchvision.models import resnet as tv
+
+    if type(block) is tv.BasicBlock:
+        links = [(block.bn1, block.conv2)]  # each norm (+ ReLU) feeds the next convolution
+        last_bn = block.bn2
+    elif type(block) is tv.Bottleneck:
+        links = [(block.bn1, block.conv2), (block.bn2, block.conv3)]
+        last_bn = block.bn3
+    else:
+        return block(x)
+    y = block.conv1(x)
+    for bn, conv in links:
+        chain = recompute.Chain(y)
+        chain.norm(bn)
+        chain.act(block.relu)
+        y = chain.consume(conv)
+    out = last_bn(y)
+    identity = x if block.downsample is None else block.downsample(x)
+    out += identity
+    return block.relu(out)
 
 
 _BASIC = [3, 64, 64, 128, 256, 512]

@@ -1,0 +1,257 @@
+"""Recomputed norm/activation chains: same values and gradients, fewer tensors kept, safe fallbacks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+
+import segmentation_models_pytorch as smp
+from segmentation_models_pytorch.base import recompute
+from segmentation_models_pytorch.base.recompute import Chain, recompute_scope
+
+DT = torch.float64
+
+
+def _layers(kind: str):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).to(DT)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    act = {
+        "relu_inplace": nn.ReLU(inplace=True),
+        "relu6_inplace": nn.ReLU6(inplace=True),
+        "silu_pad": nn.SiLU(),
+        "silu_gate": nn.SiLU(),
+        "leaky": nn.LeakyReLU(0.1),
+    }[kind]
+    conv = nn.Conv2d(6, 6, 3, padding=0 if kind == "silu_pad" else 1, groups=1).to(DT)
+    return bn, act, conv
+
+
+def _run(kind: str, lean: bool, layers, x0: torch.Tensor, train: bool = True):
+    """Chain ``bn -> act [-> pad | * gate] -> conv`` from ``z = 1.5 x``; returns output, grads and
+    weak references to the intermediate tensors' storages."""
+    bn, act, conv = layers
+    bn.train(train)
+    x = x0.clone().requires_grad_()
+    for p in [*bn.parameters(), *conv.parameters()]:
+        p.grad = None
+    refs = []
+    with recompute_scope(lean):
+        chain = Chain(x * 1.5)
+        refs.append(StorageWeakRef(chain.norm(bn).untyped_storage()))
+        y = chain.act(act)
+        refs.append(StorageWeakRef(y.untyped_storage()))
+        if kind == "silu_pad":
+            refs.append(StorageWeakRef(chain.act(nn.ZeroPad2d(1)).untyped_storage()))
+        elif kind == "silu_gate":
+            gate = torch.sigmoid(y.mean((2, 3), keepdim=True))
+            refs.append(StorageWeakRef(chain.mul(gate).untyped_storage()))
+        out = chain.consume(conv)
+        del chain, y
+    weights = torch.linspace(-1, 1, out.numel(), dtype=DT).reshape(out.shape)
+    alive = [not r.expired() for r in refs]
+    (out * weights).sum().backward()
+    grads = [x.grad] + [p.grad for p in [*bn.parameters(), *conv.parameters()]]
+    return out.detach(), grads, alive, {k: v.clone() for k, v in bn.state_dict().items()}
+
+
+KINDS = ["relu_inplace", "relu6_inplace", "silu_pad", "silu_gate", "leaky"]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-bn", "eval-bn"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_chain_matches_plain_and_keeps_less(kind, train):
+    x0 = torch.randn(2, 6, 7, 9, dtype=DT).contiguous(memory_format=torch.channels_last)
+    layers = _layers(kind)
+    state = copy.deepcopy(layers[0].state_dict())
+    out0, grads0, alive0, stats0 = _run(kind, False, layers, x0, train)
+    layers[0].load_state_dict(state)
+    out1, grads1, alive1, stats1 = _run(kind, True, layers, x0, train)
+    assert torch.equal(out0, out1)
+    for g0, g1 in zip(grads0, grads1):
+        torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+    for k in stats0:  # running statistics updated exactly once, as usual
+        assert torch.equal(stats0[k], stats1[k]), k
+    # The ordinary path keeps the norm output (or what overwrote it) alive for backward; the chain
+    # keeps none of its intermediate tensors.
+    assert any(alive0)
+    assert not any(alive1), alive1
+
+
+def test_chain_outside_a_scope_is_the_plain_path():
+    x0 = torch.randn(2, 6, 5, 5, dtype=DT)
+    _, _, alive, _ = _run("silu_gate", False, _layers("silu_gate"), x0)
+    assert all(alive)
+
+
+def test_outer_saved_tensor_hooks_disable_chains():
+    # Activation checkpointing / offloading install their own hooks: chains must not override them.
+    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
+    with recompute_scope(True), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert not Chain(x * 1.0).active
+    with recompute_scope(True):
+        assert Chain(x * 1.0).active
+        with torch.no_grad():
+            assert not Chain(x * 1.0).active
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not Chain(x * 1.0).active
+
+
+def test_checkpointed_model_trains_like_plain():
+    from torch.utils.checkpoint import checkpoint
+
+    model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4))
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for use_checkpoint in (False, True):
+        m = copy.deepcopy(model).eval()
+        y = checkpoint(m, x, use_reentrant=False) if use_checkpoint else m(x)
+        y.square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+
+
+def test_higher_order_gradients_raise_a_clear_error():
+    bn, act, conv = _layers("silu_gate")
+    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
+    with recompute_scope(True):
+        chain = Chain(x * 1.5)
+        chain.norm(bn)
+        chain.act(act)
+        out = chain.consume(conv)
+    with pytest.raises(RuntimeError, match="recompute_activations = False"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_in_place_change_of_the_chain_input_is_detected():
+    bn, act, conv = _layers("relu_inplace")
+    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
+    with recompute_scope(True):
+        z = x * 1.5
+        chain = Chain(z)
+        chain.norm(bn)
+        chain.act(act)
+        out = chain.consume(conv)
+    with torch.no_grad():
+        z.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified"):
+        out.sum().backward()
+
+
+def test_in_place_change_of_a_parameter_is_detected_as_by_autograd():
+    bn, act, conv = _layers("relu_inplace")
+    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
+    with recompute_scope(True):
+        chain = Chain(x * 1.5)
+        chain.norm(bn)
+        chain.act(act)
+        out = chain.consume(conv)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # e.g. an optimizer step between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_unknown_module_stops_the_chain_safely():
+    bn, _, conv = _layers("relu_inplace")
+    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
+    with recompute_scope(True):
+        chain = Chain(x * 1.5)
+        chain.norm(bn)
+        chain.act(nn.Dropout(0.5))  # random: must never be recomputed
+        assert not chain.active
+        out = chain.consume(conv)
+    out.sum().backward()  # ordinary autograd from there on
+    assert x.grad is not None
+
+
+@pytest.fixture
+def recompute_calls(monkeypatch):
+    """The list of recipe steps backward recomputed (appended to as it happens)."""
+    calls = []
+    value = recompute._Recipe.value
+    monkeypatch.setattr(
+        recompute._Recipe, "value", lambda self, step: calls.append(step) or value(self, step)
+    )
+    return calls
+
+
+MODELS = [
+    ("Unet", "resnet18"),  # BasicBlock + Unet blocks (folded and plain)
+    ("Unet", "resnet50"),  # Bottleneck
+    ("Unet", "efficientnet-b0"),  # MBConv with expansion, excitation, static padding
+    ("UnetPlusPlus", "mobilenet_v2"),  # inverted residuals
+    ("MAnet", "resnet18"),
+    ("DeepLabV3Plus", "efficientnet-b0"),  # dilated: padding replaced by dilation
+]
+
+
+@pytest.mark.parametrize("arch,encoder", MODELS, ids=[f"{a}-{e}" for a, e in MODELS])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_models_train_identically_with_recomputation(arch, encoder, mode, recompute_calls):
+    calls = recompute_calls
+
+    torch.manual_seed(0)
+    model = getattr(smp, arch)(encoder, encoder_weights=None, classes=2)
+    model.train(mode == "train")
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for flag in (False, True):
+        m = copy.deepcopy(model)
+        m.recompute_activations = flag
+        calls.clear()
+        torch.manual_seed(1)  # drop-connect draws
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        results.append((y.detach(), grads, copy.deepcopy(m.state_dict()), len(calls)))
+    (y0, g0, s0, n0), (y1, g1, s1, n1) = results
+    assert n0 == 0 and n1 > 0  # the flag decides, and the chains ran
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-7, msg=name)
+    for name in s0:
+        assert torch.equal(s0[name], s1[name]), name
+
+
+def test_recomputation_is_off_for_inference_and_standalone_encoders(recompute_calls):
+    calls = recompute_calls
+    model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    model.encoder(x)[-1].sum().backward()  # an encoder on its own: ordinary autograd
+    assert calls == []
+    assert not recompute.scope_active()
+
+
+def test_efficientnet_symmetric_padding_is_folded_into_the_convolution():
+    from efficientnet_pytorch.utils import Conv2dStaticSamePadding
+
+    encoder = smp.encoders.get_encoder("efficientnet-b0", weights=None).eval()
+    convs = [m for m in encoder.modules() if type(m) is Conv2dStaticSamePadding]
+    folded = [m for m in convs if m.padding != (0, 0)]
+    assert folded, "stride-1 depthwise convs should carry their padding themselves"
+    for m in convs:
+        pad = m.static_padding
+        if isinstance(pad, nn.ZeroPad2d):  # what stays: asymmetric "same" pads of strided convs
+            left, right, top, bottom = pad.padding
+            assert (left, top) != (right, bottom)
+    # Reference: the package's own layout (explicit zero-padding, no conv padding).
+    reference = copy.deepcopy(encoder)
+    for m in reference.modules():
+        if type(m) is Conv2dStaticSamePadding and m.padding != (0, 0):
+            ph, pw = m.padding
+            m.static_padding, m.padding = nn.ZeroPad2d((pw, pw, ph, ph)), (0, 0)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(encoder(x), reference(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
