@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--encoders", nargs="+", default=FULL_ENCODERS)
     p.add_argument("--quick", action="store_true", help="Unet/FPN x resnet34 only")
     p.add_argument("--no-train", action="store_true")
+    p.add_argument("--no-infer", action="store_true", help="train step and peak memory only")
     p.add_argument("--fast", default="fp32,bf16", help="fast paths to time (ours): fp32,bf16 or ''")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -188,7 +189,8 @@ def main() -> None:
             for r in range(args.rounds):
                 for side in order(r):
                     fast = ["--fast", args.fast] if side == "ours" else []
-                    res["infer"][side].append(run_worker(*sides[side], ["infer", *model, *fast]))
+                    if not args.no_infer:
+                        res["infer"][side].append(run_worker(*sides[side], ["infer", *model, *fast]))
                     if not args.no_train:
                         res["train"][side].append(run_worker(*sides[side], ["train", *model]))
             rows = _model_rows(f"{arch}-{encoder}", res, peak, verdicts, ratios)

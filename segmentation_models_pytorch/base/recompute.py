@@ -356,10 +356,12 @@ def _batchnorm_affine(
     channels = z.shape[1]
     with torch.no_grad():
         if bn.training or bn.running_mean is None:
-            # The batch statistics autograd saved for the norm's own backward.
+            # The batch statistics autograd saved for the norm's own backward: (mean, 1/std) for
+            # the native kernel. Other backends (cuDNN, MIOpen) save differently: computed here.
             node = out.grad_fn
-            mean = getattr(node, "_saved_result1", None)
-            invstd = getattr(node, "_saved_result2", None)
+            native = type(node).__name__ == "NativeBatchNormBackward0"
+            mean = getattr(node, "_saved_result1", None) if native else None
+            invstd = getattr(node, "_saved_result2", None) if native else None
             if not (
                 isinstance(mean, torch.Tensor)
                 and isinstance(invstd, torch.Tensor)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import _compat
 from ..base import modules as md
+from ..base import recompute
 from ..base.model import SegmentationModel, decoder_norm
 
 
@@ -39,10 +40,18 @@ class DecoderBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.block(x)
+        if torch.jit.is_scripting():
+            x = self.block(x)
+        else:
+            x = self._chained_block(x)
         if skip is not None and skip.shape[1] != 0:
             x = x + skip
         return x
+
+    @torch.jit.unused
+    def _chained_block(self, x):
+        """``self.block(x)``; in a training forward only the three convolution outputs are kept."""
+        return recompute.conv_norm_act_stack(x, list(self.block))
 
 
 class LinknetDecoder(nn.Module):

@@ -72,7 +72,9 @@ class MBConvBlock(nn.Module):
             s = x.mean((2, 3), keepdim=True)
             s = self._se_expand(self._swish(self._se_reduce(s)))
             x = torch.sigmoid(s) * x
-        x = self._bn2(self._project_conv(x))
+        return self._residual(self._bn2(self._project_conv(x)), inputs)
+
+    def _residual(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         if self._has_skip:
             if self.training and self._drop_connect_rate > 0:
                 x = _drop_connect(x, self._drop_connect_rate)
@@ -102,12 +104,7 @@ class MBConvBlock(nn.Module):
             chain.mul(torch.sigmoid(s))
         pad, project = _split_static_padding(self._project_conv)
         chain.act(pad)
-        x = self._bn2(chain.consume(project))
-        if self._has_skip:
-            if self.training and self._drop_connect_rate > 0:
-                x = _drop_connect(x, self._drop_connect_rate)
-            x = x + inputs
-        return x
+        return self._residual(self._bn2(chain.consume(project)), inputs)
 
 
 def _fold_symmetric_padding(module: nn.Module) -> None:

@@ -118,27 +118,28 @@ def test_checkpointed_model_trains_like_plain():
         torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
 
 
-def test_higher_order_gradients_raise_a_clear_error():
-    bn, act, conv = _layers("silu_gate")
-    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
-    with recompute_scope(True):
-        chain = Chain(x * 1.5)
-        chain.norm(bn)
-        chain.act(act)
-        out = chain.consume(conv)
-    with pytest.raises(RuntimeError, match="recompute_activations = False"):
-        torch.autograd.grad(out.sum(), x, create_graph=True)
-
-
-def test_in_place_change_of_the_chain_input_is_detected():
-    bn, act, conv = _layers("relu_inplace")
+def _bn_act_conv(kind: str, act=None):
+    """``conv(act(bn(1.5 x)))`` through a chain in a scope; returns x, the chain input and output."""
+    bn, default_act, conv = _layers(kind)
     x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
     with recompute_scope(True):
         z = x * 1.5
         chain = Chain(z)
         chain.norm(bn)
-        chain.act(act)
+        chain.act(default_act if act is None else act)
+        active = chain.active
         out = chain.consume(conv)
+    return x, z, out, conv, active
+
+
+def test_higher_order_gradients_raise_a_clear_error():
+    x, _, out, _, _ = _bn_act_conv("silu_gate")
+    with pytest.raises(RuntimeError, match="recompute_activations = False"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_in_place_change_of_the_chain_input_is_detected():
+    _, z, out, _, _ = _bn_act_conv("relu_inplace")
     with torch.no_grad():
         z.add_(1.0)
     with pytest.raises(RuntimeError, match="modified"):
@@ -146,13 +147,7 @@ def test_in_place_change_of_the_chain_input_is_detected():
 
 
 def test_in_place_change_of_a_parameter_is_detected_as_by_autograd():
-    bn, act, conv = _layers("relu_inplace")
-    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
-    with recompute_scope(True):
-        chain = Chain(x * 1.5)
-        chain.norm(bn)
-        chain.act(act)
-        out = chain.consume(conv)
+    _, _, out, conv, _ = _bn_act_conv("relu_inplace")
     with torch.no_grad():
         conv.weight.mul_(2.0)  # e.g. an optimizer step between forward and backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -160,14 +155,8 @@ def test_in_place_change_of_a_parameter_is_detected_as_by_autograd():
 
 
 def test_unknown_module_stops_the_chain_safely():
-    bn, _, conv = _layers("relu_inplace")
-    x = torch.randn(2, 6, 5, 5, dtype=DT, requires_grad=True)
-    with recompute_scope(True):
-        chain = Chain(x * 1.5)
-        chain.norm(bn)
-        chain.act(nn.Dropout(0.5))  # random: must never be recomputed
-        assert not chain.active
-        out = chain.consume(conv)
+    x, _, out, _, active = _bn_act_conv("relu_inplace", act=nn.Dropout(0.5))  # random: never recomputed
+    assert not active
     out.sum().backward()  # ordinary autograd from there on
     assert x.grad is not None
 
@@ -189,6 +178,7 @@ MODELS = [
     ("Unet", "efficientnet-b0"),  # MBConv with expansion, excitation, static padding
     ("UnetPlusPlus", "mobilenet_v2"),  # inverted residuals
     ("MAnet", "resnet18"),
+    ("Linknet", "resnet18"),  # 1x1 conv -> transposed conv -> 1x1 conv blocks
     ("DeepLabV3Plus", "efficientnet-b0"),  # dilated: padding replaced by dilation
 ]
 
@@ -255,3 +245,19 @@ def test_efficientnet_symmetric_padding_is_folded_into_the_convolution():
     with torch.no_grad():
         for a, b in zip(encoder(x), reference(x)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-bn", "eval-bn"])
+def test_batchnorm_affine_without_saved_statistics(train):
+    # Backends other than the native kernel (cuDNN, MIOpen) save other statistics: the affine map is
+    # then computed from the norm's input. Detaching the output hides the autograd node the same way.
+    bn = nn.BatchNorm2d(5).train(train)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    z = torch.randn(3, 5, 4, 6) * 2 + 1
+    out = bn(z).detach()
+    a, b = recompute._batchnorm_affine(bn, z, out)
+    torch.testing.assert_close(z * a + b, out, rtol=1e-5, atol=1e-5)
