@@ -10,8 +10,9 @@ each later tensor; backward recomputes them without gradient tracking when it ne
 agree with the stored ones up to float rounding (the affine map is applied as ``z * a + b``).
 
 It runs only where it is safe and exact: eager training with gradients on, no autocast, no
-TorchScript/tracing/compile and no saved-tensor hooks of the caller's own (activation checkpointing,
-CPU offload): any of these, or a module the chain does not know, falls back to the ordinary ops.
+TorchScript/tracing/compile, no torch.func transform or tensor subclass, and no saved-tensor hooks
+of the caller's own (activation checkpointing, CPU offload): any of these, or a module the chain
+does not know, falls back to the ordinary ops.
 Models switch it on around their forward (``SegmentationModel.recompute_activations``, default
 ``True``); blocks used outside a model run the ordinary path. Higher-order gradients
 (``create_graph=True``) through a chain raise a clear error instead of returning wrong values.
@@ -88,11 +89,28 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
+def _plain_tensor(x: torch.Tensor) -> bool:
+    """A dense tensor with real storage: not a subclass, meta/fake tensor or a torch.func wrapper
+    (tensors are matched by storage address, and torch.func transforms reject saved-tensor hooks)."""
+    if type(x) is not torch.Tensor or x.is_meta or x.layout != torch.strided:
+        return False
+    functorch = getattr(torch._C, "_functorch", None)
+    is_wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    if is_wrapped is not None and is_wrapped(x):
+        return False
+    try:
+        x.data_ptr()
+    except Exception:
+        return False
+    return True
+
+
 def chains_enabled(x: torch.Tensor) -> bool:
     """Whether a chain started at ``x`` would recompute (else its steps are the ordinary calls)."""
     return bool(
         scope_active()
         and x.requires_grad
+        and _plain_tensor(x)
         and not _autocast_enabled(x.device.type)
         and not _outer_hooks_active()
     )

@@ -261,3 +261,21 @@ def test_batchnorm_affine_without_saved_statistics(train):
     out = bn(z).detach()
     a, b = recompute._batchnorm_affine(bn, z, out)
     torch.testing.assert_close(z * a + b, out, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_func_transforms_take_the_plain_path():
+    # torch.func wraps tensors (no storage to match) and rejects saved-tensor hooks.
+    model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 4)).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x = torch.randn(2, 3, 32, 32)
+
+    def loss(p):
+        return torch.func.functional_call(model, {**p, **buffers}, (x,)).square().sum()
+
+    grads = []
+    for flag in (False, True):
+        model.recompute_activations = flag
+        grads.append(torch.func.grad(loss)(params))
+    for name in params:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
