@@ -279,3 +279,29 @@ def test_torch_func_transforms_take_the_plain_path():
         grads.append(torch.func.grad(loss)(params))
     for name in params:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["nchw", "inplace", "groupnorm", "identity", "scse"])
+def test_decoder_variants_train_identically(variant):
+    # Norms the chain does not know (InPlaceABN's fused activation, GroupNorm, none) end the chain;
+    # NCHW models and attention blocks take the other code paths of the same blocks.
+    kwargs = {"encoder_depth": 3, "decoder_channels": (32, 16, 16)}
+    if variant in ("inplace", "groupnorm", "identity"):
+        kwargs["decoder_use_norm"] = variant
+    if variant == "scse":
+        kwargs["decoder_attention_type"] = "scse"
+    torch.manual_seed(0)
+    model = smp.Unet("resnet18", encoder_weights=None, **kwargs)
+    if variant == "nchw":
+        model.channels_last = False
+        model.to(memory_format=torch.contiguous_format)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for flag in (False, True):
+        m = copy.deepcopy(model)
+        m.recompute_activations = flag
+        m(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
