@@ -179,11 +179,16 @@ class _Saved:
             self.recipe.release(self.step)
 
 
+def _in_backward() -> bool:
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return True if task is None else task() != -1
+
+
 def _unpack(saved: _Saved) -> torch.Tensor:
     if saved.recipe is not None:
-        if torch.is_grad_enabled():
-            raise RuntimeError(HIGHER_ORDER_ERROR)
-        return saved.recipe.value(saved.step)
+        if torch.is_grad_enabled() and _in_backward():
+            raise RuntimeError(HIGHER_ORDER_ERROR)  # create_graph=True: the recomputation has no graph
+        return saved.recipe.value(saved.step)  # backward, or inspection (grad_fn._saved_*)
     t = saved.tensor
     assert t is not None
     if t._version != saved.version:

@@ -305,3 +305,12 @@ def test_decoder_variants_train_identically(variant):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_saved_tensors_can_be_inspected_outside_backward():
+    # Graph visualisers read grad_fn._saved_* with gradients on; that is not a double backward.
+    x, _, out, conv, _ = _bn_act_conv("relu_inplace")
+    node = out.grad_fn
+    saved = node._saved_input
+    assert saved.shape == (2, 6, 5, 5)
+    assert saved.min() >= 0  # a recomputed ReLU output
