@@ -332,6 +332,16 @@ class Chain:
         return out
 
 
+def norm_act_into(
+    z: torch.Tensor, norm: nn.Module, act: nn.Module, consumer: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``consumer(act(norm(z)))`` through a :class:`Chain`: the ordinary ops when it is inactive."""
+    chain = Chain(z)
+    chain.norm(norm)
+    chain.act(act)
+    return chain.consume(consumer)
+
+
 def conv_norm_act_stack(x: torch.Tensor, layers: List[nn.Module]) -> torch.Tensor:
     """Run ``Sequential(conv, norm, act)`` layers in order, chaining each norm/act into the next conv.
 
@@ -345,10 +355,7 @@ def conv_norm_act_stack(x: torch.Tensor, layers: List[nn.Module]) -> torch.Tenso
     y = layers[0][0](x)
     for i, layer in enumerate(layers):
         if i + 1 < len(layers):
-            chain = Chain(y)
-            chain.norm(layer[1])
-            chain.act(layer[2])
-            y = chain.consume(layers[i + 1][0])
+            y = norm_act_into(y, layer[1], layer[2], layers[i + 1][0])
         else:
             y = layer[2](layer[1](y))
     return y
@@ -395,7 +402,7 @@ def _batchnorm_affine(
                 invstd = torch.rsqrt(var + bn.eps)
             mean, invstd = mean.detach(), invstd.detach()
         else:
-            mean = bn.running_mean.detach().clone()
+            mean = bn.running_mean.detach()
             invstd = torch.rsqrt(bn.running_var.detach() + bn.eps)
         a = invstd if bn.weight is None else invstd * bn.weight.detach()
         b = -mean * a if bn.bias is None else bn.bias.detach() - mean * a

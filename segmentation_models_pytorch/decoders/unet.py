@@ -103,10 +103,8 @@ class UnetDecoderBlock(recompute.ChainedConvPair, nn.Module):
             y = F.conv2d(skip, conv.weight[:, c:], conv.bias, padding=1).add_(y)
         elif conv.bias is not None:
             y = y + conv.bias.reshape(1, -1, 1, 1)
-        chain = recompute.Chain(y)  # conv1's norm and activation, then conv2's convolution
-        chain.norm(self.conv1[1])
-        chain.act(self.conv1[2])
-        y = chain.consume(self.conv2[0])
+        # conv1's norm and activation, then conv2's convolution
+        y = recompute.norm_act_into(y, self.conv1[1], self.conv1[2], self.conv2[0])
         return self.attention2(self.conv2[2](self.conv2[1](y)))
 
 

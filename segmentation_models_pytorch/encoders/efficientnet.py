@@ -121,13 +121,16 @@ def _fold_symmetric_padding(module: nn.Module) -> None:
                 m.static_padding = nn.Identity()
 
 
+_NO_PADDING = nn.Identity()
+
+
 def _split_static_padding(conv: nn.Module):
     """``(padding module, convolution without it)`` for efficientnet-pytorch's static "same"-padding
     conv (its forward is exactly the two), so that a chain can recompute the padded copy too."""
     from efficientnet_pytorch.utils import Conv2dStaticSamePadding
 
     if type(conv) is not Conv2dStaticSamePadding:
-        return nn.Identity(), conv
+        return _NO_PADDING, conv  # a shared module: this runs in every training forward
 
     def convolve(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -99,10 +99,7 @@ def _chained_inverted_residual(block: nn.Module, x: torch.Tensor) -> torch.Tenso
         return block(x)
     y = stages[0][0](x)
     for stage, consumer in zip(stages, [s[0] for s in stages[1:]] + [project]):
-        chain = recompute.Chain(y)
-        chain.norm(stage[1])
-        chain.act(stage[2])
-        y = chain.consume(consumer)
+        y = recompute.norm_act_into(y, stage[1], stage[2], consumer)
     y = norm(y)
     return x + y if block.use_res_connect else y
 

@@ -135,10 +135,7 @@ def _chained_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block(x)
     y = block.conv1(x)
     for bn, conv in links:
-        chain = recompute.Chain(y)
-        chain.norm(bn)
-        chain.act(block.relu)
-        y = chain.consume(conv)
+        y = recompute.norm_act_into(y, bn, block.relu, conv)
     out = last_bn(y)
     identity = x if block.downsample is None else block.downsample(x)
     out += identity
