@@ -9,7 +9,8 @@ Modes:
     infer    build time, then eval latency, then (ours only, when asked) the fast path in fp32 and
              bf16. One process serves them all: each is timed after its own warm-up.
     train    train-step latency (forward + backward + SGD step) and peak RSS. Alone in its process,
-             so the peak is the training peak and nothing else.
+             so the peak is the training peak and nothing else. With ``--tensor-memory`` also the
+             peak of live tensor bytes during one more step (see :func:`_peak_tensor_mb`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,40 @@ def _timed(fn, reps: int, sync) -> float:
     return statistics.median(times)
 
 
+def _peak_tensor_mb(step, known, device) -> float:
+    """The most tensor memory alive at once during ``step()``, in MB, independent of the allocator.
+
+    Peak RSS also counts what the C allocator keeps after ``free`` (glibc's heap grows to its
+    high-water mark and its mmap threshold adapts to the tensor sizes it sees), which can hide or
+    exaggerate differences in what a library really allocates. Here: on CUDA the caching
+    allocator's own peak; on CPU, the profiler's allocation events (every c10 allocation and free,
+    inside kernels too) summed in order, on top of ``known`` (the tensors alive before the step:
+    weights, buffers, gradients, optimizer state, batch).
+    """
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    storages = {}
+    for t in known:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        if e.device_type() == torch.profiler.DeviceType.CPU:
+            live += e.nbytes()
+            peak = max(peak, live)
+    return (sum(storages.values()) + peak) / 2**20
+
+
 def _flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,6 +95,7 @@ def main() -> None:
     p.add_argument("--fast", default="", help="comma list of fast paths to time: fp32,bf16 (ours only)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tensor-memory", action="store_true", help="train: also the peak of live tensors")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -149,6 +185,11 @@ def main() -> None:
 
         out["train_s"] = _timed(step, args.reps, sync)
         out["peak_rss_mb"] = _peak_rss_mb()  # before the FLOP count, which adds its own overhead
+        if args.tensor_memory:
+            known = [*model.parameters(), *model.buffers(), x, target]
+            known += [p.grad for p in model.parameters() if p.grad is not None]
+            known += [v for state in opt.state.values() for v in state.values()]
+            out["peak_tensor_mb"] = _peak_tensor_mb(step, known, device)
         out["flops"] = _flops(step)
     print(json.dumps(out))
 

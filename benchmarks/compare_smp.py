@@ -12,6 +12,10 @@ runs SMP's side with another interpreter instead.
 
 Per model, two processes per side and round: ``infer`` (build time, eval latency, and for us the
 fast path in fp32 and bf16) and ``train`` (train-step latency and peak RSS, alone in its process).
+The first round's ``train`` process also measures the peak of live tensor memory during a step (the
+profiler's allocation events; deterministic, so once is enough): what each library allocates,
+without the C allocator's retention that peak RSS includes. ``--env NAME=VALUE`` sets a variable
+for both sides (e.g. ``MALLOC_MMAP_THRESHOLD_=131072`` to see RSS under a non-adaptive glibc).
 
 Prints ratios (SMP time / our time: > 1 means we are faster; our memory / SMP memory: < 1 means we use
 less) and achieved GFLOP/s against the machine's measured fp32 matmul peak, then writes
@@ -53,6 +57,7 @@ TARGETS = {  # row label -> (kind, threshold) from issue 7
     "fast path fp32": ("speed", 1.8),
     "fast path bf16": ("speed", 2.5),
     "train peak RSS": ("memory", 0.9),
+    "train peak tensor memory": ("memory", 0.9),
 }
 
 
@@ -114,6 +119,7 @@ def main() -> None:
     p.add_argument("--no-infer", action="store_true", help="train step and peak memory only")
     p.add_argument("--fast", default="fp32,bf16", help="fast paths to time (ours): fp32,bf16 or ''")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set for both sides")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args()
     if args.quick:
@@ -124,6 +130,9 @@ def main() -> None:
         smp_side = (args.smp_python, {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     else:
         smp_side = (sys.executable, {**os.environ, "PYTHONPATH": str(ensure_smp_package(SMP_PKG))})
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    for env in (ours_env, smp_side[1]):
+        env.update(extra_env)
     sides = {"ours": (sys.executable, ours_env), "smp": smp_side}
     common = [
         "--size",
@@ -156,6 +165,7 @@ def main() -> None:
         f"fp32 matmul peak {peak:.0f} GFLOP/s (best 2048x2048 matmul); device {args.device}; "
         f"torch {probes['ours'].get('torch', '?')}; input {args.batch}x3x{args.size}x{args.size}; "
         f"{args.rounds} rounds (sides alternate, a fresh process each), medians of {args.reps} reps."
+        + (f" Environment for both sides: {' '.join(args.env)}." if args.env else "")
     ]
     print(lines[0], flush=True)
 
@@ -192,7 +202,8 @@ def main() -> None:
                     if not args.no_infer:
                         res["infer"][side].append(run_worker(*sides[side], ["infer", *model, *fast]))
                     if not args.no_train:
-                        res["train"][side].append(run_worker(*sides[side], ["train", *model]))
+                        tensors = ["--tensor-memory"] if r == 0 else []
+                        res["train"][side].append(run_worker(*sides[side], ["train", *model, *tensors]))
             rows = _model_rows(f"{arch}-{encoder}", res, peak, verdicts, ratios)
             for row in rows:
                 print(row, flush=True)
@@ -221,7 +232,9 @@ def main() -> None:
         f"`fast path` = `smp.optimize_for_inference(model)` (bf16: `dtype=torch.bfloat16`), compared with "
         f"SMP's eager fp32 eval; its max relative error against our eager output is in brackets. "
         f"Train peak RSS is the whole process (torch, libraries, weights, gradients, momentum, "
-        f"activations). Took {time.time() - started:.0f} s."
+        f"activations, and what the C allocator keeps after frees); train peak tensor memory is the "
+        f"most tensor bytes alive at once during a step (weights, gradients, momentum, batch, "
+        f"activations, temporaries). Took {time.time() - started:.0f} s."
     )
     print("\n".join(lines[summary_start:]))
     Path(args.out).write_text(
@@ -271,6 +284,15 @@ def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:
             f"| {name} | train peak RSS | {mo:.0f} MB | {ms:.0f} MB | {mo / ms:.2f}x memory | "
             f"{'met' if met else 'no'} | | |"
         )
+        to, ts = median(ours_t, "peak_tensor_mb"), median(smp_t, "peak_tensor_mb")
+        if to and ts:
+            met = to / ts <= TARGETS["train peak tensor memory"][1]
+            verdicts["train peak tensor memory"].append(met)
+            ratios["train peak tensor memory"].append(to / ts)
+            rows.append(
+                f"| {name} | train peak tensor memory | {to:.0f} MB | {ts:.0f} MB | {to / ts:.2f}x memory | "
+                f"{'met' if met else 'no'} | | |"
+            )
         do, ds = train_delta(ours_t), train_delta(smp_t)
         if do and ds:
             rows.append(

@@ -1,0 +1,48 @@
+"""The benchmark worker's allocator-independent memory measurement (benchmarks/_worker.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).resolve().parents[2] / "benchmarks" / "_worker.py"
+_spec = importlib.util.spec_from_file_location("_bench_worker", WORKER)
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+MB = 2**20
+
+
+def test_peak_tensor_memory_is_the_most_alive_at_once_not_the_sum():
+    def step():
+        a = torch.ones(4 * MB // 4)  # 4 MB
+        del a
+        b = torch.ones(3 * MB // 4)  # reuses nothing of a's accounting: 3 MB alive, never 7
+        c = torch.ones(2 * MB // 4)  # 5 MB alive at once
+        return b.sum() + c.sum()
+
+    peak = worker._peak_tensor_mb(step, [], torch.device("cpu"))
+    assert 5.0 <= peak < 5.5
+
+
+def test_tensors_alive_before_the_step_count_once_per_storage():
+    weight = torch.zeros(MB // 4)  # 1 MB
+    view = weight[:10]  # same storage: not counted twice
+    peak = worker._peak_tensor_mb(lambda: torch.ones(2 * MB // 4).sum(), [weight, view], torch.device("cpu"))
+    assert 3.0 <= peak < 3.5
+
+
+def test_autograd_activations_are_counted():
+    x = torch.randn(1, 8, 128, 128, requires_grad=True)  # 0.5 MB
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def step():  # four saved 0.5 MB activations alive before backward frees them
+        y = x
+        for _ in range(4):
+            y = torch.relu(conv(y))
+        y.sum().backward()
+
+    peak = worker._peak_tensor_mb(step, [x], torch.device("cpu"))
+    assert peak >= 0.5 + 4 * 0.5
