@@ -123,33 +123,38 @@ def _key(t: torch.Tensor) -> Tuple:
 class _Recipe:
     """``z`` and the steps leading from it to each recomputable tensor; caches what backward reuses."""
 
-    def __init__(self, z: torch.Tensor) -> None:
-        self.z = z
-        self.z_version = z._version
+    def __init__(self, z: Optional[torch.Tensor]) -> None:
+        self.z = z  # None: the first step computes its tensor from ``inputs`` (Chain.derived)
+        self.z_version = -1 if z is None else z._version
         # step(t, own): the next tensor from t; ``own`` says t is a temporary it may overwrite.
-        self.steps: List[Callable[[torch.Tensor, bool], torch.Tensor]] = []
+        self.steps: List[Callable[[Optional[torch.Tensor], bool], torch.Tensor]] = []
         self.inputs: List[Tuple[torch.Tensor, int]] = []  # tensors a step reads besides its input
         self.refs: Dict[int, int] = {}
         self.cache: Dict[int, torch.Tensor] = {}
+        # Keep a step computed on the way to another one when a later node needs it (saves redoing
+        # elementwise steps); derived chains redo theirs instead, which lowers backward's peak.
+        self.hold_intermediates = True
 
     def value(self, step: int) -> torch.Tensor:
         if step in self.cache:
             return self.cache[step]
-        if self.z._version != self.z_version or any(t._version != v for t, v in self.inputs):
+        z_changed = self.z is not None and self.z._version != self.z_version
+        if z_changed or any(t._version != v for t, v in self.inputs):
             raise RuntimeError(
                 "A tensor needed to recompute activations for backward was modified in place after "
                 "the forward pass (set `model.recompute_activations = False` to get PyTorch's own "
                 "error with the offending operation)."
             )
         start = max((s for s in self.cache if s < step), default=-1)
-        t = self.z if start < 0 else self.cache[start]
+        t = self.z if start < 0 else self.cache[start]  # None for a derived chain's first step
         own = False  # z and cached tensors are needed again
         with torch.no_grad():
             for s in range(start + 1, step + 1):
                 t = self.steps[s](t, own)
-                own = self.refs.get(s, 0) == 0
-                if not own:
+                keep = self.refs.get(s, 0) > 0 and (s == step or self.hold_intermediates)
+                if keep:
                     self.cache[s] = t
+                own = not keep
         return t
 
     def release(self, step: int) -> None:
@@ -253,6 +258,9 @@ class Chain:
         y = chain.mul(gate)
         out = chain.consume(conv)   # the consumer must save only its inputs and parameters
 
+    :meth:`derived` starts a chain at a cheap function of tensors autograd keeps anyway (upsample +
+    concatenate), and :meth:`then` adds a cheap deterministic module (a depthwise convolution).
+
     Args:
         z: the tensor the chain starts from; autograd must keep it anyway (it is the norm's input).
     """
@@ -262,6 +270,29 @@ class Chain:
         self.current = z
         self._recipe = _Recipe(z) if self.active else None
         self._packer = _Packer(self._recipe)
+
+    @classmethod
+    def derived(cls, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Chain:
+        """A chain starting at ``fn(*inputs)``, recomputed in backward from ``inputs``.
+
+        ``fn`` must be deterministic, cheap, and save nothing for its own backward (resizing,
+        concatenation); ``inputs`` must be tensors autograd keeps anyway, so holding them costs
+        nothing. The result is ``chain.current``.
+        """
+        anchor = next((t for t in inputs if t.requires_grad), inputs[0])
+        chain = cls(anchor)
+        chain.active = chain.active and all(_plain_tensor(t) for t in inputs)
+        out = fn(*inputs)
+        if not chain.active:
+            chain._stop(out)
+            return chain
+        recipe = _Recipe(None)
+        recipe.inputs = [(t, t._version) for t in inputs]
+        recipe.hold_intermediates = False
+        chain._recipe = recipe
+        chain._packer = _Packer(recipe)
+        chain._register(out, lambda t, own: fn(*inputs))
+        return chain
 
     def _hooked(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self._packer, _unpack)
@@ -319,6 +350,19 @@ class Chain:
         self._recipe.inputs.append((gate, gate._version))
         return self._register(out, lambda t, own: t.mul_(gate) if own else gate * t)
 
+    def then(self, module: nn.Module) -> torch.Tensor:
+        """Apply a cheap deterministic module (e.g. a depthwise convolution) that backward redoes.
+
+        Its own saved input is the chain's current tensor (a recipe), and its output becomes the
+        chain's next step instead of being kept for the next consumer.
+        """
+        x = self.current
+        if not self.active:
+            return self._stop(module(x))
+        with self._hooked():
+            out = module(x)
+        return self._register(out, lambda t, own: module(t))
+
     def consume(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Run the chain's consumer (a convolution) and close the chain."""
         x = self.current
@@ -330,6 +374,40 @@ class Chain:
         self.active = False
         self.current = out
         return out
+
+
+class _MaxPoolKeepingInput(torch.autograd.Function):
+    """Max pooling that keeps its input for backward instead of int64 indices of its output.
+
+    In a chain the input is a recipe, so nothing full-size is kept; backward pools the recomputed
+    input again (same kernel, so the same indices) and routes the gradient with them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        ctx.save_for_backward(x)
+        ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        kernel_size, stride, padding, dilation, ceil_mode = ctx.args
+        _, indices = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, x, kernel_size, stride, padding, dilation, ceil_mode, indices
+        )
+        return grad_x, None, None, None, None, None
+
+
+def max_pool_keeping_input(pool: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A chain consumer for ``pool``: an ``nn.MaxPool2d`` that keeps no indices (else ``pool``)."""
+    if type(pool) is not nn.MaxPool2d or pool.return_indices:
+        return pool
+    pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    args = (pair(pool.kernel_size), pair(stride), pair(pool.padding), pair(pool.dilation), pool.ceil_mode)
+    return lambda x: _MaxPoolKeepingInput.apply(x, *args)
 
 
 def norm_act_into(
