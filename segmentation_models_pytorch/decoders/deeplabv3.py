@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _compat
+from ..base import recompute
 from ..base.model import SegmentationModel, feature_strides
 from .fpn import head_upsampling
 
@@ -236,11 +237,27 @@ class DeepLabV3PlusDecoder(nn.Module):
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         highres = self.block1(features[2])
-        # Resizing to the stride-4 feature's size equals SMP's fixed x2/x4 up-sampling at valid sizes.
-        aspp = F.interpolate(
-            self.aspp(features[-1]), size=highres.shape[-2:], mode="bilinear", align_corners=True
-        )
-        return self.block2(torch.cat([aspp, highres], dim=1))
+        aspp = self.aspp(features[-1])
+        if not torch.jit.is_scripting():  # TorchScript compiles the plain path only
+            if recompute.scope_active():
+                return self._chained_fuse(aspp, highres)
+        return self.block2(_upsample_cat(aspp, highres))
+
+    @torch.jit.unused
+    def _chained_fuse(self, aspp, highres):
+        """``block2(_upsample_cat(aspp, highres))`` keeping neither the concatenation nor the
+        depthwise convolution's output for backward: both are recomputed from ``aspp`` and
+        ``highres``, which autograd keeps anyway (each is its ReLU's saved output)."""
+        separable, norm, act = self.block2
+        chain = recompute.Chain.derived(_upsample_cat, aspp, highres)
+        chain.then(separable[0])  # depthwise 3x3: 9 multiply-adds per element to redo
+        return act(norm(chain.consume(separable[1])))
+
+
+def _upsample_cat(aspp: torch.Tensor, highres: torch.Tensor) -> torch.Tensor:
+    # Resizing to the stride-4 feature's size equals SMP's fixed x2/x4 up-sampling at valid sizes.
+    aspp = F.interpolate(aspp, size=highres.shape[-2:], mode="bilinear", align_corners=True)
+    return torch.cat([aspp, highres], dim=1)
 
 
 _OS_HINT = "Use an encoder that supports dilation (e.g. resnet34, efficientnet-b0, mobilenet_v2)."

@@ -74,9 +74,11 @@ class MergeBlock(nn.Module):
     def forward(self, x: List[torch.Tensor]) -> torch.Tensor:
         if self.policy == "cat":
             return torch.cat(x, dim=1)
-        out = x[0]
-        for t in x[1:]:
-            out = out + t
+        if len(x) == 1:
+            return x[0]
+        out = x[0] + x[1]
+        for t in x[2:]:  # in place on our own sum (add keeps nothing for backward): one buffer
+            out += t
         return out
 
 
@@ -122,8 +124,15 @@ class FPNDecoder(nn.Module):
         p4 = self.p4(p5, c4)
         p3 = self.p3(p4, c3)
         p2 = self.p2(p3, c2)
-        levels = [block(p) for block, p in zip(self.seg_blocks, (p5, p4, p3, p2))]
-        return self.dropout(self.merge(levels))
+        if self.merge.policy == "cat":
+            levels = [block(p) for block, p in zip(self.seg_blocks, (p5, p4, p3, p2))]
+            return self.dropout(self.merge(levels))
+        # "add": sum each level as soon as it is made (same order as merging all four at the end),
+        # so one full-size level is alive at a time instead of four.
+        merged = self.seg_blocks[0](p5) + self.seg_blocks[1](p4)
+        merged += self.seg_blocks[2](p3)
+        merged += self.seg_blocks[3](p2)
+        return self.dropout(merged)
 
 
 class FPN(SegmentationModel):

@@ -106,12 +106,17 @@ class ResNetEncoder(nn.Module, EncoderMixin):
     def _chained_forward(self, x):
         """:meth:`forward` in a model's training forward: residual blocks keep fewer tensors."""
         features = [x]
-        if self._depth >= 1:
-            x = self.relu(self.bn1(self.conv1(x)))
-            features.append(x)
+        if self._depth < 1:
+            return features
+        stem = recompute.Chain(self.conv1(x))
+        stem.norm(self.bn1)
+        x = stem.act(self.relu)  # also the stride-2 feature: kept only if a decoder keeps it
+        features.append(x)
         for i, layer in enumerate([self.layer1, self.layer2, self.layer3, self.layer4]):
             if self._depth >= i + 2:
-                x = self.maxpool(x) if i == 0 else x
+                if i == 0:  # the pool keeps its (recomputed) input, not int64 indices
+                    pool = recompute.max_pool_keeping_input(self.maxpool) if stem.active else self.maxpool
+                    x = stem.consume(pool)
                 for block in layer:
                     x = _chained_block(block, x)
                 features.append(x)

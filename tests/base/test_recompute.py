@@ -84,6 +84,47 @@ def test_chain_matches_plain_and_keeps_less(kind, train):
     assert not any(alive1), alive1
 
 
+def _upsample_cat(a, h):
+    up = torch.nn.functional.interpolate(a, size=h.shape[-2:], mode="bilinear", align_corners=True)
+    return torch.cat([up, h], dim=1)
+
+
+def _run_derived(lean: bool, a0, h0, modify=False):
+    torch.manual_seed(0)
+    dw = nn.Conv2d(5, 5, 3, padding=1, groups=5, bias=False).to(DT)
+    pw = nn.Conv2d(5, 4, 1).to(DT)
+    a, h = a0.clone().requires_grad_(), h0.clone().requires_grad_()
+    a2, h2 = a * 1.0, h * 1.0  # non-leaf inputs, so that one can be changed in place
+    with recompute_scope(lean):
+        chain = Chain.derived(_upsample_cat, a2, h2)
+        refs = [StorageWeakRef(chain.current.untyped_storage())]
+        refs.append(StorageWeakRef(chain.then(dw).untyped_storage()))
+        out = chain.consume(pw)
+        del chain
+    alive = [not r.expired() for r in refs]
+    if modify:
+        h2.add_(1.0)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=DT).reshape(out.shape)).sum().backward()
+    return out.detach(), [a.grad, h.grad, dw.weight.grad, pw.weight.grad, pw.bias.grad], alive
+
+
+def test_derived_chain_recomputes_its_start_and_then_steps():
+    a0, h0 = torch.randn(2, 3, 4, 4, dtype=DT), torch.randn(2, 2, 8, 8, dtype=DT)
+    out0, grads0, alive0 = _run_derived(False, a0, h0)
+    out1, grads1, alive1 = _run_derived(True, a0, h0)
+    assert alive0 == [True, True]  # the plain path keeps the concatenation and the depthwise output
+    assert alive1 == [False, False]  # the chain keeps neither
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)
+
+
+def test_derived_chain_detects_in_place_change_of_its_inputs():
+    a0, h0 = torch.randn(2, 3, 4, 4, dtype=DT), torch.randn(2, 2, 8, 8, dtype=DT)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        _run_derived(True, a0, h0, modify=True)
+
+
 def test_chain_outside_a_scope_is_the_plain_path():
     x0 = torch.randn(2, 6, 5, 5, dtype=DT)
     _, _, alive, _ = _run("silu_gate", False, _layers("silu_gate"), x0)
@@ -180,6 +221,8 @@ MODELS = [
     ("MAnet", "resnet18"),
     ("Linknet", "resnet18"),  # 1x1 conv -> transposed conv -> 1x1 conv blocks
     ("DeepLabV3Plus", "efficientnet-b0"),  # dilated: padding replaced by dilation
+    ("DeepLabV3Plus", "resnet18"),  # ResNet stem chain; derived upsample+cat -> depthwise chain
+    ("FPN", "resnet18"),  # the stem's output is no skip: kept by nobody
 ]
 
 
@@ -314,3 +357,26 @@ def test_saved_tensors_can_be_inspected_outside_backward():
     saved = node._saved_input
     assert saved.shape == (2, 6, 5, 5)
     assert saved.min() >= 0  # a recomputed ReLU output
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_max_pool_keeping_input_gives_max_pool_gradients(ties):
+    torch.manual_seed(0)
+    x0 = torch.randint(0, 3, (2, 4, 9, 9)).to(DT) if ties else torch.randn(2, 4, 9, 9, dtype=DT)
+    pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    grad = torch.randn(2, 4, 5, 5, dtype=DT)
+    outs = []
+    for fn in (pool, recompute.max_pool_keeping_input(pool)):
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        y.backward(grad)
+        outs.append((y.detach(), x.grad))
+    (y0, g0), (y1, g1) = outs
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+
+
+def test_max_pool_keeping_input_falls_back_for_other_pools():
+    pool = nn.MaxPool2d(2, return_indices=True)
+    assert recompute.max_pool_keeping_input(pool) is pool
+    avg = nn.AvgPool2d(2)
+    assert recompute.max_pool_keeping_input(avg) is avg
