@@ -277,22 +277,10 @@ def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:
     ours_t, smp_t = res["train"]["ours"], res["train"]["smp"]
     mo, ms = median(ours_t, "peak_rss_mb"), median(smp_t, "peak_rss_mb")
     if mo and ms:
-        met = mo / ms <= TARGETS["train peak RSS"][1]
-        verdicts["train peak RSS"].append(met)
-        ratios["train peak RSS"].append(mo / ms)
-        rows.append(
-            f"| {name} | train peak RSS | {mo:.0f} MB | {ms:.0f} MB | {mo / ms:.2f}x memory | "
-            f"{'met' if met else 'no'} | | |"
-        )
+        rows.append(_memory_row(name, "train peak RSS", mo, ms, verdicts, ratios))
         to, ts = median(ours_t, "peak_tensor_mb"), median(smp_t, "peak_tensor_mb")
         if to and ts:
-            met = to / ts <= TARGETS["train peak tensor memory"][1]
-            verdicts["train peak tensor memory"].append(met)
-            ratios["train peak tensor memory"].append(to / ts)
-            rows.append(
-                f"| {name} | train peak tensor memory | {to:.0f} MB | {ts:.0f} MB | {to / ts:.2f}x memory | "
-                f"{'met' if met else 'no'} | | |"
-            )
+            rows.append(_memory_row(name, "train peak tensor memory", to, ts, verdicts, ratios))
         do, ds = train_delta(ours_t), train_delta(smp_t)
         if do and ds:
             rows.append(
@@ -300,6 +288,14 @@ def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:
                 f"{do / ds:.2f}x memory | | | |"
             )
     return rows
+
+
+def _memory_row(name: str, label: str, ours: float, smp: float, verdicts, ratios) -> str:
+    met = ours / smp <= TARGETS[label][1]
+    verdicts[label].append(met)
+    ratios[label].append(ours / smp)
+    verdict = "met" if met else "no"
+    return f"| {name} | {label} | {ours:.0f} MB | {smp:.0f} MB | {ours / smp:.2f}x memory | {verdict} | | |"
 
 
 if __name__ == "__main__":
