@@ -131,9 +131,6 @@ class _Recipe:
         self.inputs: List[Tuple[torch.Tensor, int]] = []  # tensors a step reads besides its input
         self.refs: Dict[int, int] = {}
         self.cache: Dict[int, torch.Tensor] = {}
-        # Keep a step computed on the way to another one when a later node needs it (saves redoing
-        # elementwise steps); derived chains redo theirs instead, which lowers backward's peak.
-        self.hold_intermediates = True
 
     def value(self, step: int) -> torch.Tensor:
         if step in self.cache:
@@ -151,7 +148,9 @@ class _Recipe:
         with torch.no_grad():
             for s in range(start + 1, step + 1):
                 t = self.steps[s](t, own)
-                keep = self.refs.get(s, 0) > 0 and (s == step or self.hold_intermediates)
+                # A step computed on the way to another is kept if a later node needs it (saves
+                # redoing elementwise steps); derived chains (no z) redo theirs: a lower peak.
+                keep = self.refs.get(s, 0) > 0 and (s == step or self.z is not None)
                 if keep:
                     self.cache[s] = t
                 own = not keep
@@ -288,7 +287,6 @@ class Chain:
             return chain
         recipe = _Recipe(None)
         recipe.inputs = [(t, t._version) for t in inputs]
-        recipe.hold_intermediates = False
         chain._recipe = recipe
         chain._packer = _Packer(recipe)
         chain._register(out, lambda t, own: fn(*inputs))

@@ -74,11 +74,9 @@ class MergeBlock(nn.Module):
     def forward(self, x: List[torch.Tensor]) -> torch.Tensor:
         if self.policy == "cat":
             return torch.cat(x, dim=1)
-        if len(x) == 1:
-            return x[0]
-        out = x[0] + x[1]
-        for t in x[2:]:  # in place on our own sum (add keeps nothing for backward): one buffer
-            out += t
+        out = x[0]
+        for t in x[1:]:
+            out = out + t
         return out
 
 
