@@ -117,6 +117,34 @@ def test_any_input_size_gives_exactly_sized_masks(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("encoder", ["resnet18", "mobilenet_v2"])
+def test_activations_stay_channels_last(arch, encoder):
+    """Models run in channels_last inside; one NCHW tensor (e.g. a resize of a 1x1 map) turns every
+    op after it back to NCHW, which costs speed without changing any value, so only a test sees it."""
+    if arch == "dpt":
+        encoder = VIT  # its 4-D attention tensors are not images: only the decoder is checked
+    model = build(arch, encoder_name=encoder).eval()
+    leaks = []
+
+    def check(name):
+        def hook(module, args, out):
+            image_like = isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[1] > 1
+            if image_like and out.shape[-1] * out.shape[-2] > 1:
+                if not out.is_contiguous(memory_format=torch.channels_last):
+                    leaks.append(f"{name} ({type(module).__name__}) {tuple(out.shape)}")
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name and (arch != "dpt" or not name.startswith("encoder")):
+            module.register_forward_hook(check(name))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert not leaks, f"NCHW activations: {leaks[:3]}"
+    assert out.is_contiguous()  # what the caller gets back is ordinary
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_batch_size_one_in_training_works_or_says_why(arch):
     model = build(arch).train()
     x = torch.randn(1, 3, 64, 64)
