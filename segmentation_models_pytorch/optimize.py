@@ -3,9 +3,11 @@
 Rewrites an eval-mode model for speed without changing what it computes (beyond float rounding):
 
 1. re-parameterises multi-branch blocks (MobileOne-style modules exposing ``reparameterize()``);
-2. folds every BatchNorm that directly follows a convolution into that convolution. Pairs are found
-   by running the model once with hooks and matching the BatchNorm's input tensor with a
-   convolution's output tensor, so only true conv -> BN edges are folded, whatever the module layout;
+2. folds every BatchNorm that directly follows a convolution (plain, transposed, or a zero-padding
+   "same" variant) into that convolution. Pairs are found by running the model once with hooks
+   (blocks take their plain module-by-module path for it) and matching the BatchNorm's input tensor
+   with a convolution's output tensor, so only true conv -> BN edges are folded, whatever the
+   module layout;
 3. replaces dropout layers (no-ops in eval) with identities;
 4. keeps weights in ``channels_last``;
 5. optionally casts weights to ``bfloat16``/``float16``; inputs are cast on the way in and outputs
@@ -24,6 +26,25 @@ from torch import nn
 
 _BN = (nn.BatchNorm2d,)
 _DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# Conv2d subclasses whose forward only zero-pads the input and then convolves with ``self.weight``
+# and ``self.bias`` (checked against their sources), so a following BatchNorm folds into them.
+# Others may transform the weight (timm's StdConv2d standardises it, which would undo a fold).
+_PAD_THEN_CONV = {
+    "efficientnet_pytorch.utils.Conv2dStaticSamePadding",
+    "efficientnet_pytorch.utils.Conv2dDynamicSamePadding",
+    "timm.layers.conv2d_same.Conv2dSame",
+    "timm.layers.conv2d_same.Conv2dSameExport",
+}
+
+
+def _foldable_conv(mod: nn.Module) -> bool:
+    cls = type(mod)
+    if cls is nn.ConvTranspose2d:
+        return True
+    if not isinstance(mod, nn.Conv2d):
+        return False
+    plain = cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    return plain or f"{cls.__module__}.{cls.__qualname__}" in _PAD_THEN_CONV
 
 
 def _find_conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str, str]]:
@@ -47,12 +68,14 @@ def _find_conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str
         uses[names[mod]] = uses.get(names[mod], 0) + 1
 
     for mod in model.modules():
-        if type(mod) is nn.Conv2d:  # subclasses (e.g. padded "same" convs) may add behaviour
+        if _foldable_conv(mod):
             handles.append(mod.register_forward_hook(on_conv))
         elif type(mod) in _BN:
             handles.append(mod.register_forward_hook(on_bn))
+    from .base.modules import plain_module_calls
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_module_calls():
             model(probe)
     finally:
         for h in handles:
@@ -61,8 +84,7 @@ def _find_conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str
     return [(c, b) for c, b in pairs if uses.get(c) == 1 and uses.get(b) == 1]
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    w = conv.weight
+def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
     scale = (
         bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         if bn.affine
@@ -70,7 +92,13 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     )
     shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight = nn.Parameter((w * scale.reshape(-1, 1, 1, 1)).detach())
+    w = conv.weight
+    if isinstance(conv, nn.ConvTranspose2d):  # (in, out / groups, kh, kw): outputs are dim 1 per group
+        g = conv.groups
+        weight = (w.unflatten(0, (g, -1)) * scale.reshape(g, 1, -1, 1, 1)).flatten(0, 1)
+    else:
+        weight = w * scale.reshape(-1, 1, 1, 1)
+    conv.weight = nn.Parameter(weight.detach())
     conv.bias = nn.Parameter((bias * scale + shift).detach())
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Dict, Optional, Union
+import threading
+from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +156,26 @@ class Conv2dReLU(nn.Sequential):
         )
         act = nn.Identity() if norm_has_activation(norm) else nn.ReLU(inplace=True)
         super().__init__(conv, norm, act)
+
+
+_PLAIN = threading.local()
+
+
+@contextlib.contextmanager
+def plain_module_calls() -> Iterator[None]:
+    """Inside, blocks skip shortcuts that use a layer's weights without calling the layer (Unet's
+    folded upsample+conv), so forward hooks see every layer's true input and output; used by
+    :func:`~segmentation_models_pytorch.optimize_for_inference` to trace conv -> norm edges."""
+    before = getattr(_PLAIN, "on", False)
+    _PLAIN.on = True
+    try:
+        yield
+    finally:
+        _PLAIN.on = before
+
+
+def plain_module_calls_active() -> bool:
+    return getattr(_PLAIN, "on", False)
 
 
 # fold[a] maps a 3x3 kernel's rows (or columns) onto the 2 low-resolution rows that output phase

@@ -71,6 +71,7 @@ class UnetDecoderBlock(recompute.ChainedConvPair, nn.Module):
         conv = self.conv1[0]
         return (
             not (torch.jit.is_tracing() or is_torch_compiling())  # graphs keep the plain ops
+            and not md.plain_module_calls_active()
             and self.interpolation_mode == "nearest"
             and isinstance(self.attention1.attention, nn.Identity)
             and type(conv) is nn.Conv2d
