@@ -64,6 +64,8 @@ class MBConvBlock(nn.Module):
         if not torch.jit.is_scripting():
             if recompute.scope_active():
                 return self._chained_forward(inputs)
+        if not torch.is_grad_enabled():
+            return self._forward_in_place(inputs)
         x = inputs
         if self._has_expansion:
             x = self._swish(self._bn0(self._expand_conv(x)))
@@ -73,6 +75,22 @@ class MBConvBlock(nn.Module):
             s = self._se_expand(self._swish(self._se_reduce(s)))
             x = torch.sigmoid(s) * x
         return self._residual(self._bn2(self._project_conv(x)), inputs)
+
+    def _forward_in_place(self, inputs: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without autograd: every activation, excitation and residual sum writes
+        into the tensor its layer just made (nothing else holds it), so a block allocates one
+        full-size tensor per layer instead of two or three (a fresh buffer costs as much as the
+        elementwise pass that fills it). Same values."""
+        x = inputs
+        if self._has_expansion:
+            x = F.silu(self._bn0(self._expand_conv(x)), inplace=True)
+        x = F.silu(self._bn1(self._depthwise_conv(x)), inplace=True)
+        if self._has_se:
+            s = x.mean((2, 3), keepdim=True)
+            s = self._se_expand(F.silu(self._se_reduce(s), inplace=True))
+            x = x.mul_(torch.sigmoid(s))
+        x = self._bn2(self._project_conv(x))
+        return x.add_(inputs) if self._has_skip else x
 
     def _residual(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         if self._has_skip:
@@ -214,7 +232,8 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         features = [x]
         if self._depth >= 1:
-            x = self._swish(self._bn0(self._conv_stem(x)))
+            x = self._bn0(self._conv_stem(x))
+            x = F.silu(x, inplace=True) if not torch.is_grad_enabled() else self._swish(x)
             features.append(x)
         # Blocks after the deepest requested feature are never run.
         last_block = self._out_indexes[self._depth - 2] if self._depth >= 2 else -1

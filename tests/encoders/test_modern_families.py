@@ -149,6 +149,19 @@ def test_efficientnet_depth_1():
     assert rel_err(feats[1], ref[1]) == 0.0
 
 
+def test_efficientnet_in_place_inference_path_gives_the_autograd_paths_features():
+    # Without autograd the blocks write activations, excitations and residual sums in place.
+    torch.manual_seed(0)
+    enc = get_encoder("efficientnet-b0", weights=None).eval()
+    gu.fill_state_dict(enc)
+    x = gu.make_input([2, 3, 64, 64])
+    with torch.no_grad():
+        fast = enc(x)
+    slow = enc(x)  # grad enabled: the ordinary out-of-place ops
+    assert all(torch.equal(a, b.detach()) for a, b in zip(fast, slow))
+    assert torch.equal(x, gu.make_input([2, 3, 64, 64]))  # the input itself is never written
+
+
 def test_mit_placeholder_feature():
     enc = get_encoder("mit_b0", weights=None).eval()
     assert enc._has_stride2_feature is False
