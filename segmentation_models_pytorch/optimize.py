@@ -102,6 +102,126 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter((bias * scale + shift).detach())
 
 
+# Activation module -> oneDNN post-op (name, scalars, algorithm) of mkldnn._convolution_pointwise.
+def _post_op(act: nn.Module) -> Optional[Tuple[str, list, str]]:
+    if type(act) is nn.ReLU:
+        return "relu", [], ""
+    if type(act) is nn.SiLU:
+        return "swish", [], ""
+    if type(act) is nn.ReLU6:
+        return "hardtanh", [0.0, 6.0], ""
+    if type(act) is nn.Sigmoid:
+        return "sigmoid", [], ""
+    return None
+
+
+def _fusable_conv(mod: nn.Module) -> bool:
+    """Convs whose forward is exactly (zero-pad, then) ``conv2d(x, weight, bias, ...)`` with
+    numeric padding, so that oneDNN's fused convolution can replace it."""
+    cls = f"{type(mod).__module__}.{type(mod).__qualname__}"
+    if type(mod) is nn.Conv2d:
+        return mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+    return cls == "efficientnet_pytorch.utils.Conv2dStaticSamePadding" and not isinstance(mod.padding, str)
+
+
+class ConvAct(nn.Module):
+    """A convolution and the activation that consumes its output, run as one oneDNN primitive on
+    CPU (float32/bfloat16): the activation is applied while each output tile is still in cache, and
+    no second full-size tensor is allocated. Elsewhere (other devices/dtypes, TorchScript) it runs
+    the two modules."""
+
+    def __init__(self, conv: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.act = act
+        self.post_op = _post_op(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16):
+            return self.act(self.conv(x))
+        conv = self.conv
+        pad = getattr(conv, "static_padding", None)
+        if pad is not None:
+            x = pad(x)
+        name, scalars, algorithm = self.post_op
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+            name, scalars, algorithm,
+        )  # fmt: skip
+
+
+class _CallLog(torch.overrides.TorchFunctionMode):
+    """Records, for every torch function call, the ids of the tensors it reads."""
+
+    _METADATA = {"__get__", "size", "dim", "is_contiguous", "stride", "numel"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[set] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") not in self._METADATA:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            self.calls.append({id(t) for t in leaves if isinstance(t, torch.Tensor)})
+        return out
+
+
+def _find_conv_act_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str, str]]:
+    """(conv name, activation name) pairs where the activation is the first op to read the conv's
+    output and, unless it works in place, the only one: fusing then changes nothing any other op
+    sees. Traced on the model's own inference path (shortcuts included)."""
+    names = {m: n for n, m in model.named_modules()}
+    log = _CallLog()
+    produced: Dict[int, Tuple[str, int]] = {}  # output id -> (conv name, call index after it)
+    events: List[Tuple[str, str, int, int, bool]] = []  # (conv, act, start, end, in place)
+    uses: Dict[str, int] = {}
+    keep_alive: List[torch.Tensor] = []
+    starts: Dict[int, int] = {}
+
+    def count(mod):
+        uses[names[mod]] = uses.get(names[mod], 0) + 1
+
+    def on_conv(mod, inputs, output):
+        count(mod)
+        keep_alive.append(output)
+        produced[id(output)] = (names[mod], len(log.calls))
+
+    def before_act(mod, inputs):
+        starts[id(mod)] = len(log.calls)
+
+    def on_act(mod, inputs, output):
+        count(mod)
+        src = produced.get(id(inputs[0]))
+        if src is not None:
+            events.append((src[0], names[mod], starts[id(mod)], len(log.calls), output is inputs[0]))
+            keep_alive.append(output)
+
+    handles = []
+    for mod in model.modules():
+        if _fusable_conv(mod):
+            handles.append(mod.register_forward_hook(on_conv))
+        elif _post_op(mod) is not None:
+            handles.append(mod.register_forward_pre_hook(before_act))
+            handles.append(mod.register_forward_hook(on_act))
+    try:
+        with torch.no_grad(), log:
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    conv_end = {name: end for name, end in produced.values()}
+    pairs = []
+    for conv, act, start, end, in_place in events:
+        tensor = next(i for i, (n, _) in produced.items() if n == conv)
+        read = [k for k, ids in enumerate(log.calls) if tensor in ids]
+        before = [k for k in read if conv_end[conv] <= k < start]
+        after = [k for k in read if k >= end]
+        if uses.get(conv) == 1 and uses.get(act) == 1 and not before and (in_place or not after):
+            pairs.append((conv, act))
+    return pairs
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -114,6 +234,7 @@ def optimize_for_inference(
     example_input: Optional[torch.Tensor] = None,
     inplace: bool = False,
     check: bool = True,
+    fuse_activations: bool = True,
 ) -> nn.Module:
     """Return a faster, inference-only version of ``model`` (see the module docstring).
 
@@ -125,6 +246,8 @@ def optimize_for_inference(
         inplace: modify ``model`` itself instead of a deep copy.
         check: compare the optimised model with the original on the probe (float32 only; raises if
             the max relative difference exceeds 1e-4).
+        fuse_activations: on CPU, run each convolution and the ReLU/ReLU6/SiLU/sigmoid that
+            consumes its output as one oneDNN primitive (:class:`ConvAct`).
 
     Returns:
         The optimised model, in eval mode. It is for inference only: folded BatchNorms no longer
@@ -155,6 +278,11 @@ def optimize_for_inference(
     for name, mod in list(model.named_modules()):
         if isinstance(mod, _DROPOUT):
             _set_submodule(model, name, nn.Identity())
+    if fuse_activations and device.type == "cpu" and torch.backends.mkldnn.is_available():
+        for conv_name, act_name in _find_conv_act_pairs(model, example_input):
+            act = model.get_submodule(act_name)
+            _set_submodule(model, conv_name, ConvAct(model.get_submodule(conv_name), act))
+            _set_submodule(model, act_name, nn.Identity())
 
     from .base.model import to_channels_last
 

@@ -136,3 +136,54 @@ def test_batchnorm_after_a_transposed_conv_is_folded(groups):
     assert isinstance(fast[1], nn.Identity)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+class _ConvThen(nn.Module):
+    """conv -> act, with the conv's output read again in one of several ways."""
+
+    def __init__(self, reuse: str):
+        super().__init__()
+        self.reuse = reuse
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.SiLU(inplace=reuse == "after_in_place")
+        self.act2 = nn.SiLU()
+
+    def forward(self, x):
+        z = self.conv(x)
+        if self.reuse == "before":
+            peek = z.sum()
+            return self.act(z) + peek
+        y = self.act(z)
+        if self.reuse in ("after", "after_in_place"):
+            return y + z  # after an in-place act, z *is* y: fusing keeps that
+        if self.reuse == "shared":
+            return self.act(y)
+        return y
+
+
+@pytest.mark.parametrize(
+    "reuse, fused",
+    [("none", True), ("after_in_place", True), ("after", False), ("before", False), ("shared", False)],
+)
+def test_conv_and_activation_fused_only_when_nothing_else_reads_the_conv_output(reuse, fused):
+    from segmentation_models_pytorch.optimize import ConvAct
+
+    net = _ConvThen(reuse).eval()
+    x = torch.randn(2, 4, 8, 8)
+    fast = smp.optimize_for_inference(net, example_input=x)
+    assert isinstance(fast.conv, ConvAct) == fused
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_conv_activation_blocks_fall_back_off_cpu_float():
+    model = build("unet", "mobilenet_v2")
+    fast = smp.optimize_for_inference(model)
+    assert sum(type(m).__name__ == "ConvAct" for m in fast.modules()) > 10
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        out = fast.double()(x.double())  # float64: not a oneDNN post-op dtype, the two modules run
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    plain = smp.optimize_for_inference(model.float(), fuse_activations=False)
+    assert not any(type(m).__name__ == "ConvAct" for m in plain.modules())

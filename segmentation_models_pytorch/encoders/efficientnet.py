@@ -59,6 +59,10 @@ class MBConvBlock(nn.Module):
         self._project_conv = block._project_conv
         self._bn2 = block._bn2
         self._swish = nn.SiLU()
+        # In-place activations of the inference path, as modules so hooks (the fast path's
+        # conv + activation fusion) see them; no parameters, so no state-dict keys.
+        self._act0 = nn.SiLU(inplace=True)
+        self._act1 = nn.SiLU(inplace=True)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -83,8 +87,8 @@ class MBConvBlock(nn.Module):
         elementwise pass that fills it). Same values."""
         x = inputs
         if self._has_expansion:
-            x = F.silu(self._bn0(self._expand_conv(x)), inplace=True)
-        x = F.silu(self._bn1(self._depthwise_conv(x)), inplace=True)
+            x = self._act0(self._bn0(self._expand_conv(x)))
+        x = self._act1(self._bn1(self._depthwise_conv(x)))
         if self._has_se:
             s = x.mean((2, 3), keepdim=True)
             s = self._se_expand(F.silu(self._se_reduce(s), inplace=True))
@@ -209,6 +213,7 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
         self._conv_head = net._conv_head
         self._bn1 = net._bn1
         self._swish = nn.SiLU()
+        self._stem_act = nn.SiLU(inplace=True)  # inference path (see MBConvBlock._act0)
         _fold_symmetric_padding(self)
 
         self._out_indexes = [int(i) for i in out_indexes]
@@ -233,7 +238,7 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
         features = [x]
         if self._depth >= 1:
             x = self._bn0(self._conv_stem(x))
-            x = F.silu(x, inplace=True) if not torch.is_grad_enabled() else self._swish(x)
+            x = self._swish(x) if torch.is_grad_enabled() else self._stem_act(x)
             features.append(x)
         # Blocks after the deepest requested feature are never run.
         last_block = self._out_indexes[self._depth - 2] if self._depth >= 2 else -1

@@ -203,6 +203,7 @@ def test_fresh_offline_process_reproduces_outputs(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
+        torch.set_num_threads({torch.get_num_threads()})  # oneDNN's reductions split by thread
         import segmentation_models_pytorch as smp
         assert "huggingface_hub" not in sys.modules, "import smp pulled in huggingface_hub"
         model = smp.from_pretrained({str(tmp_path / "model")!r})
