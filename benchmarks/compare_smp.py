@@ -82,6 +82,23 @@ def ensure_smp_package(target: Path) -> Path:
     return target
 
 
+def cpu_description() -> str:
+    """CPU model and the vector/matrix units that decide fp32 and bf16 speed (Linux; else the arch).
+
+    Sessions land on different machines (an AVX2-only AMD EPYC, an Intel Xeon with AMX), and the
+    bf16 results differ by 30x between them, so every table says which one it came from.
+    """
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags]
+    return f"{fields.get('model name', platform.machine())} ({', '.join(units) or 'no AVX2'})"
+
+
 def run_worker(python: str, env: dict, args: list) -> dict:
     proc = subprocess.run([python, str(WORKER), *args], capture_output=True, text=True, env=env, cwd="/tmp")
     if proc.returncode != 0:
@@ -161,7 +178,7 @@ def main() -> None:
         run_worker(sys.executable, ours_env, ["peak", "--reps", "10"]).get("gflops", 0) for _ in range(3)
     )
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"Machine: {cpu_description()}, {os.cpu_count()} cores; "
         f"fp32 matmul peak {peak:.0f} GFLOP/s (best 2048x2048 matmul); device {args.device}; "
         f"torch {probes['ours'].get('torch', '?')}; input {args.batch}x3x{args.size}x{args.size}; "
         f"{args.rounds} rounds (sides alternate, a fresh process each), medians of {args.reps} reps."
