@@ -104,6 +104,9 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
 
 # Activation module -> oneDNN post-op (name, scalars, algorithm) of mkldnn._convolution_pointwise.
 def _post_op(act: nn.Module) -> Optional[Tuple[str, list, str]]:
+    declared = getattr(type(act), "onednn_post_op", None)  # a module computing exactly that op
+    if isinstance(declared, str):
+        return declared, [], ""
     if type(act) is nn.ReLU:
         return "relu", [], ""
     if type(act) is nn.SiLU:
@@ -137,7 +140,7 @@ class ConvAct(nn.Module):
         self.post_op = _post_op(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16):
+        if torch.jit.is_scripting() or not self._fusable(x):
             return self.act(self.conv(x))
         conv = self.conv
         pad = getattr(conv, "static_padding", None)
@@ -149,11 +152,20 @@ class ConvAct(nn.Module):
             name, scalars, algorithm,
         )  # fmt: skip
 
+    @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused methods
+    def _fusable(self, x):
+        from .base.model import is_torch_compiling
+
+        # Graph capture (tracing, export, compile) records the two plain ops; compilers fuse them.
+        graph = torch.jit.is_tracing() or is_torch_compiling()
+        return not graph and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
+
 
 class _CallLog(torch.overrides.TorchFunctionMode):
     """Records, for every torch function call, the ids of the tensors it reads."""
 
-    _METADATA = {"__get__", "size", "dim", "is_contiguous", "stride", "numel"}
+    # Reads of shape, layout or address only (attributes come in as ``__get__``).
+    _METADATA = {"__get__", "size", "dim", "is_contiguous", "stride", "numel", "data_ptr", "storage_offset"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -170,7 +182,13 @@ class _CallLog(torch.overrides.TorchFunctionMode):
 def _find_conv_act_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str, str]]:
     """(conv name, activation name) pairs where the activation is the first op to read the conv's
     output and, unless it works in place, the only one: fusing then changes nothing any other op
-    sees. Traced on the model's own inference path (shortcuts included)."""
+    sees. Traced on the model's own paths (shortcuts included) with and without autograd: a pair
+    must hold in both, as blocks may take different routes in the two."""
+    found = [set(_conv_act_pairs(model, probe, grad)) for grad in (False, True)]
+    return sorted(found[0] & found[1])
+
+
+def _conv_act_pairs(model: nn.Module, probe: torch.Tensor, grad: bool) -> List[Tuple[str, str]]:
     names = {m: n for n, m in model.named_modules()}
     log = _CallLog()
     produced: Dict[int, Tuple[str, int]] = {}  # output id -> (conv name, call index after it)
@@ -205,7 +223,7 @@ def _find_conv_act_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[st
             handles.append(mod.register_forward_pre_hook(before_act))
             handles.append(mod.register_forward_hook(on_act))
     try:
-        with torch.no_grad(), log:
+        with torch.set_grad_enabled(grad), log:
             model(probe)
     finally:
         for h in handles:
@@ -265,9 +283,13 @@ def optimize_for_inference(
     if example_input is None:
         in_channels = getattr(getattr(model, "encoder", None), "_in_channels", 3)
         example_input = torch.randn(1, in_channels, 64, 64, device=device)
-    with torch.no_grad():
-        reference = original.eval()(example_input) if check and not inplace else None
+    reference = None
+    if check and not inplace:  # both autograd modes: blocks may take other routes with it on
+        original.eval()
+        reference = {grad: _run(original, example_input, grad) for grad in (False, True)}
 
+    if getattr(model, "recompute_activations", False):
+        model.recompute_activations = False  # saves training memory only; inference has one path
     for mod in list(model.modules()):
         if hasattr(mod, "reparameterize") and callable(mod.reparameterize) and mod is not model:
             mod.reparameterize()
@@ -288,20 +310,27 @@ def optimize_for_inference(
 
     to_channels_last(model)
     if reference is not None:
-        with torch.no_grad():
-            out = model(example_input)
-        for a, b in zip(_as_tuple(out), _as_tuple(reference)):
-            err = float((a.float() - b.float()).abs().max() / (b.float().abs().max() + 1e-12))
-            if err > 1e-4:
-                raise RuntimeError(
-                    f"optimize_for_inference changed the output (max relative difference {err:.2e}); "
-                    "please report this model configuration."
-                )
+        for grad, expected in reference.items():
+            for a, b in zip(_as_tuple(_run(model, example_input, grad)), _as_tuple(expected)):
+                a, b = a.detach().float(), b.detach().float()
+                err = float((a - b).abs().max() / (b.abs().max() + 1e-12))
+                if err > 1e-4:
+                    raise RuntimeError(
+                        f"optimize_for_inference changed the output (max relative difference "
+                        f"{err:.2e}, autograd {'on' if grad else 'off'}); please report this model "
+                        "configuration."
+                    )
     if dtype is not None and dtype is not torch.float32:
         model.to(dtype)
         model.register_forward_pre_hook(_cast_inputs(dtype))
         model.register_forward_hook(_cast_outputs)
     return model
+
+
+def _run(model: nn.Module, x: torch.Tensor, grad: bool):
+    with torch.set_grad_enabled(grad):
+        out = model(x)
+    return tuple(t.detach() for t in _as_tuple(out))
 
 
 def _as_tuple(x):

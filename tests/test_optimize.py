@@ -56,6 +56,8 @@ def test_every_batchnorm_after_a_conv_is_folded_and_outputs_match(arch, encoder)
         ref, out = model(x), fast(x)
     assert out.is_contiguous()
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    with_grad = fast(x).detach()  # blocks may route differently with autograd on
+    assert ((with_grad - ref).abs().max() / ref.abs().max()).item() < 1e-4
     assert batch_norms(model), "the original model is left untouched"
 
 
@@ -187,3 +189,38 @@ def test_fused_conv_activation_blocks_fall_back_off_cpu_float():
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
     plain = smp.optimize_for_inference(model.float(), fuse_activations=False)
     assert not any(type(m).__name__ == "ConvAct" for m in plain.modules())
+
+
+class _RoutesByGradMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act_inference = nn.SiLU()
+        self.act_autograd = nn.ReLU()
+
+    def forward(self, x):
+        z = self.conv(x)
+        return self.act_autograd(z) if torch.is_grad_enabled() else self.act_inference(z)
+
+
+def test_a_pair_seen_on_one_route_only_is_not_fused():
+    net = _RoutesByGradMode().eval()
+    x = torch.randn(2, 4, 8, 8)
+    fast = smp.optimize_for_inference(net, example_input=x)
+    assert isinstance(fast.conv, nn.Conv2d)
+    torch.testing.assert_close(fast(x), net(x))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x))
+
+
+def test_fused_fast_model_scripts_and_traces_to_the_same_values():
+    model = smp.Unet("efficientnet-b0", encoder_weights=None, decoder_channels=(32, 16, 16, 8, 8)).eval()
+    fast = smp.optimize_for_inference(model)
+    assert sum(type(m).__name__ == "ConvAct" for m in fast.modules()) > 10
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = fast(x)
+        traced = torch.jit.trace(fast, x)
+        torch.testing.assert_close(traced(x), ref, rtol=1e-4, atol=1e-5)
+    scripted = torch.jit.script(fast)
+    torch.testing.assert_close(scripted(x), ref, rtol=1e-4, atol=1e-5)

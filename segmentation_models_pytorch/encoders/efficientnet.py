@@ -27,6 +27,18 @@ def _drop_connect(x: torch.Tensor, p: float) -> torch.Tensor:
     return x / keep * mask
 
 
+class _SiLU(nn.SiLU):
+    """SiLU that works in place when autograd is off (nothing else holds its input then).
+
+    One instance per call site, used by the autograd and the inference path alike, so that tools
+    which trace modules (the fast path's conv + activation fusion) see the same graph in both."""
+
+    onednn_post_op = "swish"  # computes exactly this activation: optimize_for_inference may fuse it
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.silu(input, inplace=not torch.is_grad_enabled())
+
+
 class MBConvBlock(nn.Module):
     """Mobile inverted bottleneck (expand -> depthwise -> squeeze-excite -> project [+ skip]).
 
@@ -58,11 +70,9 @@ class MBConvBlock(nn.Module):
             self._se_expand = nn.Identity()
         self._project_conv = block._project_conv
         self._bn2 = block._bn2
-        self._swish = nn.SiLU()
-        # In-place activations of the inference path, as modules so hooks (the fast path's
-        # conv + activation fusion) see them; no parameters, so no state-dict keys.
-        self._act0 = nn.SiLU(inplace=True)
-        self._act1 = nn.SiLU(inplace=True)
+        self._swish = nn.SiLU()  # squeeze-excitation and the training chains
+        self._act0 = _SiLU()  # after _bn0 and _bn1 (no parameters: no state-dict keys)
+        self._act1 = _SiLU()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -72,8 +82,8 @@ class MBConvBlock(nn.Module):
             return self._forward_in_place(inputs)
         x = inputs
         if self._has_expansion:
-            x = self._swish(self._bn0(self._expand_conv(x)))
-        x = self._swish(self._bn1(self._depthwise_conv(x)))
+            x = self._act0(self._bn0(self._expand_conv(x)))
+        x = self._act1(self._bn1(self._depthwise_conv(x)))
         if self._has_se:
             s = x.mean((2, 3), keepdim=True)
             s = self._se_expand(self._swish(self._se_reduce(s)))
@@ -213,7 +223,7 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
         self._conv_head = net._conv_head
         self._bn1 = net._bn1
         self._swish = nn.SiLU()
-        self._stem_act = nn.SiLU(inplace=True)  # inference path (see MBConvBlock._act0)
+        self._stem_act = _SiLU()
         _fold_symmetric_padding(self)
 
         self._out_indexes = [int(i) for i in out_indexes]
@@ -237,8 +247,7 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         features = [x]
         if self._depth >= 1:
-            x = self._bn0(self._conv_stem(x))
-            x = self._swish(x) if torch.is_grad_enabled() else self._stem_act(x)
+            x = self._stem_act(self._bn0(self._conv_stem(x)))
             features.append(x)
         # Blocks after the deepest requested feature are never run.
         last_block = self._out_indexes[self._depth - 2] if self._depth >= 2 else -1
