@@ -43,8 +43,14 @@ def called_modules(model: nn.Module, x: torch.Tensor) -> set:
     return called
 
 
-@pytest.mark.parametrize("encoder", ENCODERS)
-@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "dpt"])
+# Every architecture with resnet18; the depthwise encoders (other conv subclasses, SiLU/ReLU6
+# fusion) with the decoders that differ most in how they use the features.
+CASES = [(a, "resnet18") for a in ARCHS if a != "dpt"] + [
+    (a, e) for a in ("unet", "fpn", "linknet", "deeplabv3plus") for e in ENCODERS[1:]
+]
+
+
+@pytest.mark.parametrize("arch, encoder", CASES)
 def test_every_batchnorm_after_a_conv_is_folded_and_outputs_match(arch, encoder):
     model = build(arch, encoder)
     x = torch.randn(2, 3, 64, 64)
