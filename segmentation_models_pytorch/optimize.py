@@ -121,17 +121,17 @@ def _post_op(act: nn.Module) -> Optional[Tuple[str, list, str]]:
 def _fusable_conv(mod: nn.Module) -> bool:
     """Convs whose forward is exactly (zero-pad, then) ``conv2d(x, weight, bias, ...)`` with
     numeric padding, so that oneDNN's fused convolution can replace it."""
+    if not isinstance(mod, nn.Conv2d) or isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+        return False
     cls = f"{type(mod).__module__}.{type(mod).__qualname__}"
-    if type(mod) is nn.Conv2d:
-        return mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-    return cls == "efficientnet_pytorch.utils.Conv2dStaticSamePadding" and not isinstance(mod.padding, str)
+    return type(mod) is nn.Conv2d or cls == "efficientnet_pytorch.utils.Conv2dStaticSamePadding"
 
 
 class ConvAct(nn.Module):
     """A convolution and the activation that consumes its output, run as one oneDNN primitive on
     CPU (float32/bfloat16): the activation is applied while each output tile is still in cache, and
-    no second full-size tensor is allocated. Elsewhere (other devices/dtypes, TorchScript) it runs
-    the two modules."""
+    no second full-size tensor is allocated. Elsewhere (other devices and dtypes, TorchScript,
+    tracing, export, compile) it runs the two modules."""
 
     def __init__(self, conv: nn.Module, act: nn.Module) -> None:
         super().__init__()
@@ -192,7 +192,8 @@ def _conv_act_pairs(model: nn.Module, probe: torch.Tensor, grad: bool) -> List[T
     names = {m: n for n, m in model.named_modules()}
     log = _CallLog()
     produced: Dict[int, Tuple[str, int]] = {}  # output id -> (conv name, call index after it)
-    events: List[Tuple[str, str, int, int, bool]] = []  # (conv, act, start, end, in place)
+    # (conv, its output id, call index after it, act, act's first call index, index after it, in place)
+    events: List[Tuple[str, int, int, str, int, int, bool]] = []
     uses: Dict[str, int] = {}
     keep_alive: List[torch.Tensor] = []
     starts: Dict[int, int] = {}
@@ -212,7 +213,11 @@ def _conv_act_pairs(model: nn.Module, probe: torch.Tensor, grad: bool) -> List[T
         count(mod)
         src = produced.get(id(inputs[0]))
         if src is not None:
-            events.append((src[0], names[mod], starts[id(mod)], len(log.calls), output is inputs[0]))
+            in_place = output is inputs[0]
+            conv, conv_end = src
+            events.append(
+                (conv, id(inputs[0]), conv_end, names[mod], starts[id(mod)], len(log.calls), in_place)
+            )
             keep_alive.append(output)
 
     handles = []
@@ -228,12 +233,10 @@ def _conv_act_pairs(model: nn.Module, probe: torch.Tensor, grad: bool) -> List[T
     finally:
         for h in handles:
             h.remove()
-    conv_end = {name: end for name, end in produced.values()}
     pairs = []
-    for conv, act, start, end, in_place in events:
-        tensor = next(i for i, (n, _) in produced.items() if n == conv)
+    for conv, tensor, conv_end, act, start, end, in_place in events:
         read = [k for k, ids in enumerate(log.calls) if tensor in ids]
-        before = [k for k in read if conv_end[conv] <= k < start]
+        before = [k for k in read if conv_end <= k < start]
         after = [k for k in read if k >= end]
         if uses.get(conv) == 1 and uses.get(act) == 1 and not before and (in_place or not after):
             pairs.append((conv, act))
