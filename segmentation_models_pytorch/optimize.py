@@ -29,22 +29,28 @@ _DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 # Conv2d subclasses whose forward only zero-pads the input and then convolves with ``self.weight``
 # and ``self.bias`` (checked against their sources), so a following BatchNorm folds into them.
 # Others may transform the weight (timm's StdConv2d standardises it, which would undo a fold).
+_STATIC_SAME = "efficientnet_pytorch.utils.Conv2dStaticSamePadding"  # pads with a fixed module
 _PAD_THEN_CONV = {
-    "efficientnet_pytorch.utils.Conv2dStaticSamePadding",
+    _STATIC_SAME,
     "efficientnet_pytorch.utils.Conv2dDynamicSamePadding",
     "timm.layers.conv2d_same.Conv2dSame",
     "timm.layers.conv2d_same.Conv2dSameExport",
 }
 
 
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plain_conv2d(cls: type) -> bool:
+    """``nn.Conv2d`` or a subclass that keeps its forward (adds attributes only)."""
+    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+
+
 def _foldable_conv(mod: nn.Module) -> bool:
-    cls = type(mod)
-    if cls is nn.ConvTranspose2d:
+    if type(mod) is nn.ConvTranspose2d:
         return True
-    if not isinstance(mod, nn.Conv2d):
-        return False
-    plain = cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
-    return plain or f"{cls.__module__}.{cls.__qualname__}" in _PAD_THEN_CONV
+    return isinstance(mod, nn.Conv2d) and (_plain_conv2d(type(mod)) or _qualname(type(mod)) in _PAD_THEN_CONV)
 
 
 def _find_conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[str, str]]:
@@ -123,8 +129,8 @@ def _fusable_conv(mod: nn.Module) -> bool:
     numeric padding, so that oneDNN's fused convolution can replace it."""
     if not isinstance(mod, nn.Conv2d) or isinstance(mod.padding, str) or mod.padding_mode != "zeros":
         return False
-    cls = f"{type(mod).__module__}.{type(mod).__qualname__}"
-    return type(mod) is nn.Conv2d or cls == "efficientnet_pytorch.utils.Conv2dStaticSamePadding"
+    # ConvAct applies a static pad module itself; dynamic "same" pads depend on the input size.
+    return _plain_conv2d(type(mod)) or _qualname(type(mod)) == _STATIC_SAME
 
 
 class ConvAct(nn.Module):

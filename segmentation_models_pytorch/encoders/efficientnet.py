@@ -78,39 +78,25 @@ class MBConvBlock(nn.Module):
         if not torch.jit.is_scripting():
             if recompute.scope_active():
                 return self._chained_forward(inputs)
-        if not torch.is_grad_enabled():
-            return self._forward_in_place(inputs)
+        # Without autograd the excitation and the residual sum write into the tensor their layer
+        # just made (nothing else holds it; the SiLUs do the same): one full-size buffer per layer
+        # instead of two or three, and a fresh buffer costs as much as the pass that fills it.
+        in_place = not torch.is_grad_enabled()
         x = inputs
         if self._has_expansion:
             x = self._act0(self._bn0(self._expand_conv(x)))
         x = self._act1(self._bn1(self._depthwise_conv(x)))
         if self._has_se:
             s = x.mean((2, 3), keepdim=True)
-            s = self._se_expand(self._swish(self._se_reduce(s)))
-            x = torch.sigmoid(s) * x
-        return self._residual(self._bn2(self._project_conv(x)), inputs)
+            s = torch.sigmoid(self._se_expand(self._swish(self._se_reduce(s))))
+            x = x.mul_(s) if in_place else s * x
+        return self._residual(self._bn2(self._project_conv(x)), inputs, in_place)
 
-    def _forward_in_place(self, inputs: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` without autograd: every activation, excitation and residual sum writes
-        into the tensor its layer just made (nothing else holds it), so a block allocates one
-        full-size tensor per layer instead of two or three (a fresh buffer costs as much as the
-        elementwise pass that fills it). Same values."""
-        x = inputs
-        if self._has_expansion:
-            x = self._act0(self._bn0(self._expand_conv(x)))
-        x = self._act1(self._bn1(self._depthwise_conv(x)))
-        if self._has_se:
-            s = x.mean((2, 3), keepdim=True)
-            s = self._se_expand(F.silu(self._se_reduce(s), inplace=True))
-            x = x.mul_(torch.sigmoid(s))
-        x = self._bn2(self._project_conv(x))
-        return x.add_(inputs) if self._has_skip else x
-
-    def _residual(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, inputs: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         if self._has_skip:
             if self.training and self._drop_connect_rate > 0:
                 x = _drop_connect(x, self._drop_connect_rate)
-            x = x + inputs
+            x = x.add_(inputs) if in_place else x + inputs
         return x
 
     @torch.jit.unused

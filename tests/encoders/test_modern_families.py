@@ -160,6 +160,13 @@ def test_efficientnet_in_place_inference_path_gives_the_autograd_paths_features(
     slow = enc(x)  # grad enabled: the ordinary out-of-place ops
     assert all(torch.equal(a, b.detach()) for a, b in zip(fast, slow))
     assert torch.equal(x, gu.make_input([2, 3, 64, 64]))  # the input itself is never written
+    # In train mode the blocks' stochastic depth applies with or without autograd.
+    enc.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        dropped = enc(x)[-1]
+    torch.manual_seed(1)
+    assert torch.equal(dropped, enc(x)[-1].detach())
 
 
 def test_mit_placeholder_feature():
