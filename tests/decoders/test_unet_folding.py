@@ -34,6 +34,23 @@ def test_upsample2x_conv3x3_matches_upsample_then_conv(shape):
     assert _rel(gx, gx_ref) < 1e-5 and _rel(gw, gw_ref) < 1e-5
 
 
+
+def test_upsample2x_conv3x3_layout_and_second_order_gradients():
+    # The phase interleave is a hand-written autograd step: channels_last in and out, any layout
+    # of incoming gradient, and differentiable once more (gradient penalties).
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, 4, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(5, 3, 3, 3, dtype=torch.double, requires_grad=True)
+    y = md.upsample2x_conv3x3(x, w)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
+    g = torch.randn(2, 5, 6, 8, dtype=torch.double)  # contiguous (NCHW) incoming gradient
+    for got, want in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        assert _rel(got, want) < 1e-12
+    assert torch.autograd.gradgradcheck(md.upsample2x_conv3x3, (x, w))
+
+
 def _forward_backward(model, x, fold: bool, monkeypatch):
     if not fold:
         monkeypatch.setattr(unet.UnetDecoderBlock, "_can_fold", lambda *a: False)
