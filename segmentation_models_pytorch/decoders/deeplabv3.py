@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _compat
+from ..base import modules as md
 from ..base import recompute
 from ..base.model import SegmentationModel, feature_strides
 from .fpn import head_upsampling
@@ -100,6 +101,11 @@ class SeparableConv2d(nn.Sequential):
         pointwise = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=bias)
         super().__init__(depthwise, pointwise)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript cannot pass modules to helpers
+            return self[1](md.conv_without_dead_taps(self[0], x))
+        return self[1](self[0](x))
+
 
 def _conv_bn_relu(conv: nn.Module, out_channels: int) -> List[nn.Module]:
     return [conv, nn.BatchNorm2d(out_channels), nn.ReLU()]
@@ -111,6 +117,11 @@ class ASPPConv(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, dilation: int) -> None:
         conv = nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
         super().__init__(*_conv_bn_relu(conv, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript cannot pass modules to helpers
+            return self[2](self[1](md.conv_without_dead_taps(self[0], x)))
+        return self[2](self[1](self[0](x)))
 
 
 class ASPPSeparableConv(nn.Sequential):

@@ -1,0 +1,92 @@
+"""Shared building blocks: convolutions that skip taps reading only padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import segmentation_models_pytorch as smp
+from segmentation_models_pytorch.base import modules as md
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize(
+    "size, dilation, groups",
+    [
+        ((6, 6), 6, 1),  # every outer tap dead: a 1x1 convolution
+        ((6, 6), 9, 4),  # grouped, dilation past the size
+        ((4, 9), 5, 1),  # only the outer rows dead
+        ((9, 4), (2, 4), 1),  # only the outer columns dead
+        ((1, 1), 1, 4),  # a 1x1 map: even dilation 1 reads only padding around the centre
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_without_dead_taps_matches_the_full_convolution(size, dilation, groups, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=dilation, dilation=dilation, groups=groups, bias=bias)
+    x = torch.randn(2, 8, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    calls = []
+    conv.register_forward_hook(lambda *a: calls.append(1))
+    y = md.conv_without_dead_taps(conv, x)
+    assert not calls  # the shortcut ran, not the module
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, *conv.parameters()), g)
+    ref = conv(x)
+    assert y.shape == ref.shape and _rel(y, ref) < 1e-6
+    for got, want in zip(grads, torch.autograd.grad(ref, (x, *conv.parameters()), g)):
+        assert _rel(got, want) < 1e-6
+    # the dead taps get exactly zero gradient, as in the full convolution
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (nn.Conv2d(4, 4, 3, padding=2, dilation=2), (8, 8)),  # dilation smaller than the input
+        (nn.Conv2d(4, 4, 3, padding=7, dilation=6), (4, 4)),  # padding != dilation
+        (nn.Conv2d(4, 4, 3, stride=2, padding=6, dilation=6), (4, 4)),
+        (nn.Conv2d(4, 4, 3, padding=6, dilation=6, padding_mode="reflect"), (8, 8)),
+    ],
+)
+def test_conv_without_dead_taps_calls_other_convolutions(conv, size):
+    calls = []
+    conv.register_forward_hook(lambda *a: calls.append(1))
+    md.conv_without_dead_taps(conv, torch.randn(1, 4, *size))
+    assert calls == [1]
+
+
+def test_plain_module_calls_disable_the_shortcut():
+    conv = nn.Conv2d(4, 4, 3, padding=8, dilation=8)
+    calls = []
+    conv.register_forward_hook(lambda *a: calls.append(1))
+    with md.plain_module_calls():
+        md.conv_without_dead_taps(conv, torch.randn(1, 4, 4, 4))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("arch", ["DeepLabV3", "DeepLabV3Plus"])
+def test_deeplab_aspp_skips_dead_taps_with_the_same_outputs(arch):
+    # 64x64 input: the ASPP map is 8x8 (V3, stride 8) or 4x4 (V3+, stride 16), so rates 12/24/36 all
+    # reach past it; the model must give what the plain modules give, in eval and in training.
+    torch.manual_seed(0)
+    model = getattr(smp, arch)("resnet18", encoder_weights=None, classes=3)
+    x = torch.randn(2, 3, 64, 64)
+    skipped = []
+    for branch in model.decoder.modules():
+        if isinstance(branch, nn.Conv2d) and branch.dilation[0] > 1 and branch.kernel_size == (3, 3):
+            branch.register_forward_hook(lambda *a: skipped.append(False))
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        torch.manual_seed(1)
+        y = model(x)
+        assert not skipped, "the atrous convolutions should not have been called as modules"
+        torch.manual_seed(1)
+        with md.plain_module_calls():
+            ref = model(x)
+        assert len(skipped) == 3
+        skipped.clear()
+        assert _rel(y, ref) < 1e-5
