@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .base import modules as md
+
 _BN = (nn.BatchNorm2d,)
 _DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 # Conv2d subclasses whose forward only zero-pads the input and then convolves with ``self.weight``
@@ -153,8 +155,9 @@ class ConvAct(nn.Module):
         if pad is not None:
             x = pad(x)
         name, scalars, algorithm = self.post_op
+        weight, padding, dilation = md.live_taps(conv, x) or (conv.weight, conv.padding, conv.dilation)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+            x, weight, conv.bias, padding, conv.stride, dilation, conv.groups,
             name, scalars, algorithm,
         )  # fmt: skip
 

@@ -230,3 +230,21 @@ def test_fused_fast_model_scripts_and_traces_to_the_same_values():
         torch.testing.assert_close(traced(x), ref, rtol=1e-4, atol=1e-5)
     scripted = torch.jit.script(fast)
     torch.testing.assert_close(scripted(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (4, 16), (16, 16)])  # all, row-only and no taps dead
+def test_fused_atrous_conv_skips_dead_taps_with_the_same_values(size, monkeypatch):
+    from segmentation_models_pytorch.base import modules as md
+    from segmentation_models_pytorch.optimize import ConvAct
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=6, dilation=6), nn.ReLU()).eval()
+    x = torch.randn(2, 8, *size).contiguous(memory_format=torch.channels_last)
+    fast = smp.optimize_for_inference(net, example_input=x)
+    assert isinstance(fast[0], ConvAct)
+    live = []
+    original = md.live_taps
+    monkeypatch.setattr(md, "live_taps", lambda c, t: live.append(original(c, t)) or live[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-6)
+    assert (live[-1] is not None) == (size[0] <= 6)

@@ -191,16 +191,27 @@ def conv_without_dead_taps(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     0.2 ms for a 512-channel depthwise 3x3 at 16x16 here). Other convolutions, TorchScript, graph
     capture and :func:`plain_module_calls` just call ``conv``.
     """
-    if torch.jit.is_scripting() or not _has_dead_taps(conv, x):
+    if torch.jit.is_scripting():
         return conv(x)
+    live = live_taps(conv, x)
+    if live is None:
+        return conv(x)
+    weight, padding, dilation = live
+    return F.conv2d(x, weight, conv.bias, 1, padding, dilation, conv.groups)
+
+
+@torch.jit.unused
+def live_taps(conv, x):
+    """``(weight, padding, dilation)`` of ``conv`` without its dead taps on input ``x`` (see
+    :func:`conv_without_dead_taps`), or ``None`` when it has none or the shortcut does not apply."""
+    if not _has_dead_taps(conv, x):
+        return None
     h, w = x.shape[-2], x.shape[-1]
     (dh, dw), weight = conv.dilation, conv.weight
     rows, cols = dh >= h, dw >= w
     weight = weight[:, :, 1:2] if rows else weight
     weight = weight[:, :, :, 1:2] if cols else weight
-    padding = (0 if rows else dh, 0 if cols else dw)
-    dilation = (1 if rows else dh, 1 if cols else dw)
-    return F.conv2d(x, weight, conv.bias, 1, padding, dilation, conv.groups)
+    return weight, (0 if rows else dh, 0 if cols else dw), (1 if rows else dh, 1 if cols else dw)
 
 
 @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused functions
