@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
+import torch
 from torch import nn
 
 from .modules import Activation
@@ -31,6 +32,16 @@ class SegmentationHead(nn.Sequential):
             else nn.Identity()
         )
         super().__init__(conv, up, Activation(activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self[0](x)
+        if not torch.jit.is_scripting():
+            if isinstance(self[1], nn.Upsample):
+                # The model hands back a contiguous (NCHW) mask anyway, and resizing a few class
+                # maps is 4-6x faster in NCHW than in channels_last plus the copy to NCHW after it
+                # on CPU (21 classes, 4x32x32 -> 256x256: 3.5 vs 21 ms).
+                x = x.contiguous()
+        return self[2](self[1](x))
 
 
 class ClassificationHead(nn.Sequential):

@@ -90,3 +90,18 @@ def test_deeplab_aspp_skips_dead_taps_with_the_same_outputs(arch):
         assert len(skipped) == 3
         skipped.clear()
         assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("upsampling", [1, 4])
+def test_segmentation_head_resizes_in_nchw_with_the_same_values(upsampling):
+    from segmentation_models_pytorch.base.heads import SegmentationHead
+
+    torch.manual_seed(0)
+    head = SegmentationHead(8, 21, kernel_size=3, upsampling=upsampling).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = head(x)
+    ref = nn.Sequential.forward(head, x)  # the plain chain, resize in channels_last
+    assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
+    # resizing heads hand back NCHW directly; others keep the layout (the model makes it contiguous)
+    assert y.is_contiguous() == (upsampling > 1)
+    assert torch.jit.script(head)(x).shape == y.shape
