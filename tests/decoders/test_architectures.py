@@ -135,9 +135,9 @@ def test_activations_stay_channels_last(arch, encoder):
 
         return hook
 
+    # A head that resizes makes the (contiguous) output there: it resizes in NCHW on purpose.
+    resizes = any(isinstance(m, torch.nn.Upsample) for m in model.segmentation_head.children())
     for name, module in model.named_modules():
-        # A head that resizes makes the (contiguous) output there: it resizes in NCHW on purpose.
-        resizes = any(isinstance(m, torch.nn.Upsample) for m in model.segmentation_head.children())
         if resizes and name in ("segmentation_head", "segmentation_head.1", "segmentation_head.2"):
             continue
         if name and (arch != "dpt" or not name.startswith("encoder")):
