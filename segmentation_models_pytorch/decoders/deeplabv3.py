@@ -425,7 +425,7 @@ class DeepLabV3Plus(SegmentationModel):
             aspp_separable=decoder_aspp_separable,
             aspp_dropout=decoder_aspp_dropout,
         )
-        head_scale = head_upsampling(upsampling, feature_strides(encoder)[2], reference_stride=4)
+        head_scale = head_upsampling(upsampling, feature_strides(encoder)[2], default=4)
         self.build_heads(decoder_channels, classes, activation, aux_params, 1, head_scale)
         self.name = f"deeplabv3plus-{encoder_name}"
 

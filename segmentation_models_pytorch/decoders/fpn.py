@@ -148,9 +148,9 @@ class FPN(SegmentationModel):
         in_channels: channels of the input images.
         classes: number of output mask channels.
         activation: activation of the mask (name, callable or ``None``).
-        upsampling: up-sampling of the stride-4 pyramid output; with the default 4 the mask has the
-            input's size at every ``encoder_depth`` (SMP 0.6.0 returns 2-4x the input size at depth
-            3-4). In general the mask is ``upsampling / 4`` times the input size.
+        upsampling: head up-sampling factor of the pyramid output. The default 4 gives the input's
+            size at every ``encoder_depth`` (SMP 0.6.0 returns twice or four times that at depth 4
+            or 3); any other value is the literal factor, as in SMP.
         aux_params: optional classification head parameters (see ``Unet``).
         **kwargs: forwarded to the encoder.
     """
@@ -185,26 +185,23 @@ class FPN(SegmentationModel):
             interpolation_mode=decoder_interpolation,
         )
         # The pyramid's finest level sits at the stride of the 4th-deepest feature (4 at depth 5).
-        head_scale = head_upsampling(upsampling, feature_strides(encoder)[-4], reference_stride=4)
+        head_scale = head_upsampling(upsampling, feature_strides(encoder)[-4], default=4)
         self.build_heads(self.decoder.out_channels, classes, activation, aux_params, 1, head_scale)
         self.name = f"fpn-{encoder_name}"
 
 
-def head_upsampling(upsampling: float, decoder_stride: int, reference_stride: int) -> float:
-    """Head up-sampling so that the mask is ``upsampling / reference_stride`` times the input size.
+def head_upsampling(upsampling: float, decoder_stride: int, default: int) -> float:
+    """The head's up-sampling factor for ``upsampling`` given to the model.
 
-    At the architecture's default depth ``decoder_stride == reference_stride`` and this returns
-    ``upsampling`` unchanged, exactly as in SMP.
+    The default value means "back to the input size": the factor is the decoder output's stride,
+    which equals ``default`` at the architecture's default depth (SMP 0.6.0 keeps ``default`` at
+    every depth, so its FPN/PSPNet masks are smaller or larger than the input elsewhere). Any
+    other value is the literal factor, exactly as in SMP, so configs that set it explicitly give
+    SMP's output shape and values at every depth.
     """
-    scale = upsampling * decoder_stride / reference_stride
-    if scale < 1 and upsampling >= 1:
-        scale = 1
-    if scale != int(scale):
-        raise ValueError(
-            f"upsampling={upsampling} gives a fractional head scale ({scale}) for this encoder depth; "
-            f"use a multiple of {reference_stride // max(1, decoder_stride)}."
-        )
-    return int(scale)
+    if upsampling == default:
+        return decoder_stride
+    return upsampling
 
 
 _compat.alias_submodules(__name__, ("model", "decoder"))

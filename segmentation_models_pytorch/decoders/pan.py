@@ -253,7 +253,7 @@ class PAN(SegmentationModel):
             decoder_channels=decoder_channels,
             interpolation_mode=decoder_interpolation,
         )
-        head_scale = head_upsampling(upsampling, feature_strides(encoder)[2], reference_stride=4)
+        head_scale = head_upsampling(upsampling, feature_strides(encoder)[2], default=4)
         self.build_heads(decoder_channels, classes, activation, aux_params, 3, head_scale)
         self.name = f"pan-{encoder_name}"
 

@@ -82,8 +82,9 @@ class PSPNet(SegmentationModel):
         in_channels: channels of the input images.
         classes: number of output mask channels.
         activation: activation of the mask (name, callable or ``None``).
-        upsampling: head up-sampling at the default depth 3; the mask is ``upsampling / 8`` times
-            the input size at every depth (SMP 0.6.0 scales by ``upsampling`` regardless of depth).
+        upsampling: head up-sampling factor. The default 8 gives the input's size at every
+            ``encoder_depth`` (SMP 0.6.0 scales by 8 at any depth); any other value is the literal
+            factor, as in SMP.
         aux_params: optional classification head parameters (see ``Unet``).
         **kwargs: forwarded to the encoder.
     """
@@ -113,7 +114,7 @@ class PSPNet(SegmentationModel):
             out_channels=psp_out_channels,
             dropout=psp_dropout,
         )
-        head_scale = head_upsampling(upsampling, encoder.output_stride, reference_stride=8)
+        head_scale = head_upsampling(upsampling, encoder.output_stride, default=8)
         self.build_heads(psp_out_channels, classes, activation, aux_params, 3, head_scale)
         self.name = f"psp-{encoder_name}"
 

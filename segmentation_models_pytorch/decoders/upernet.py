@@ -164,7 +164,7 @@ class UPerNet(SegmentationModel):
             decoder_channels=decoder_channels,
             use_norm=decoder_use_norm,
         )
-        head_scale = head_upsampling(upsampling, feature_strides(encoder)[2], reference_stride=4)
+        head_scale = head_upsampling(upsampling, feature_strides(encoder)[2], default=4)
         self.build_heads(decoder_channels, classes, activation, aux_params, 1, head_scale)
         self.name = f"upernet-{encoder_name}"
 

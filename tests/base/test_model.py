@@ -83,8 +83,10 @@ def test_fpn_pspnet_return_input_size_at_any_depth(depth):
     x = torch.randn(1, 3, 64, 64)
     assert build("FPN", encoder_depth=depth)(x).shape[-2:] == (64, 64)
     assert build("PSPNet", encoder_depth=depth)(x).shape[-2:] == (64, 64)
-    # An explicit upsampling keeps its meaning relative to the default depth.
-    assert build("PSPNet", encoder_depth=depth, upsampling=4)(x).shape[-2:] == (32, 32)
+    # Any other upsampling is SMP's literal factor: the PSP output is at stride 2**depth, FPN's
+    # finest level at stride 2**(depth - 3).
+    assert build("PSPNet", encoder_depth=depth, upsampling=4)(x).shape[-2:] == (256 // 2**depth,) * 2
+    assert build("FPN", encoder_depth=depth, upsampling=2)(x).shape[-2:] == (128 // 2 ** (depth - 3),) * 2
 
 
 def test_unknown_names_suggest_close_matches():
