@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from .base import modules as md
+from .base.winograd import WinogradConv2d
+from .base.winograd import qualifies as _winograd_qualifies
 
 _BN = (nn.BatchNorm2d,)
 _DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -155,6 +157,8 @@ class ConvAct(nn.Module):
         if pad is not None:
             x = pad(x)
         name, scalars, algorithm = self.post_op
+        if isinstance(conv, WinogradConv2d) and conv._pays(x):
+            return _post_op_inplace(conv._winograd(x), name, scalars)
         weight, padding, dilation = md.live_taps(conv, x) or (conv.weight, conv.padding, conv.dilation)
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, conv.bias, padding, conv.stride, dilation, conv.groups,
@@ -168,6 +172,19 @@ class ConvAct(nn.Module):
         # Graph capture (tracing, export, compile) records the two plain ops; compilers fuse them.
         graph = torch.jit.is_tracing() or is_torch_compiling()
         return not graph and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def _post_op_inplace(y: torch.Tensor, name: str, scalars: list) -> torch.Tensor:
+    """Apply a oneDNN post-op (see :func:`_post_op`) to a fresh tensor in place."""
+    if name == "relu":
+        return y.relu_()
+    if name == "swish":
+        return nn.functional.silu(y, inplace=True)
+    if name == "hardtanh":
+        return y.clamp_(scalars[0], scalars[1])
+    if name == "sigmoid":
+        return y.sigmoid_()
+    raise NotImplementedError(f"post-op {name!r}")  # _post_op declares no others for dense convs
 
 
 class _CallLog(torch.overrides.TorchFunctionMode):
@@ -265,6 +282,7 @@ def optimize_for_inference(
     inplace: bool = False,
     check: bool = True,
     fuse_activations: bool = True,
+    winograd: bool = True,
 ) -> nn.Module:
     """Return a faster, inference-only version of ``model`` (see the module docstring).
 
@@ -278,6 +296,10 @@ def optimize_for_inference(
             the max relative difference exceeds 1e-4).
         fuse_activations: on CPU, run each convolution and the ReLU/ReLU6/SiLU/sigmoid that
             consumes its output as one oneDNN primitive (:class:`ConvAct`).
+        winograd: in float32, run dense 3x3 convolutions with at least 128 input channels as
+            Winograd F(4x4, 3x3) convolutions on CPU maps up to 64x64
+            (:mod:`~segmentation_models_pytorch.base.winograd`): 1.4-2.1x faster per layer, at
+            about 1e-5 relative rounding per layer, and a cached kernel 4x the weight's size.
 
     Returns:
         The optimised model, in eval mode. It is for inference only: folded BatchNorms no longer
@@ -317,6 +339,11 @@ def optimize_for_inference(
             act = model.get_submodule(act_name)
             _set_submodule(model, conv_name, ConvAct(model.get_submodule(conv_name), act))
             _set_submodule(model, act_name, nn.Identity())
+
+    if winograd and device.type == "cpu" and dtype in (None, torch.float32):
+        for mod in list(model.modules()):
+            if _winograd_qualifies(mod):
+                WinogradConv2d.convert(mod)
 
     from .base.model import to_channels_last
 
