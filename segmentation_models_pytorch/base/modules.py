@@ -219,7 +219,7 @@ def _has_dead_taps(conv, x):
     from .model import is_torch_compiling
 
     return (
-        type(conv) is nn.Conv2d
+        (type(conv) is nn.Conv2d or getattr(type(conv), "computes_plain_conv2d", False))
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == conv.dilation

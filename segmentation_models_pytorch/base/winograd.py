@@ -18,7 +18,7 @@ so under autograd the ordinary convolution runs.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,30 +58,47 @@ def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.permute(2, 3, 1, 0).reshape(36, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
-def conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """3x3 convolution, stride 1, zero padding 1, of an ``N x C x H x W`` float32 tensor with a
-    :func:`transform_weight` kernel. Returns a channels_last tensor (any ``H``, ``W`` >= 1)."""
+def tiles_of(h: int, w: int, dilation: int = 1) -> Tuple[int, int]:
+    """Rows and columns of 4x4 output tiles per image (per polyphase sub-image when dilated)."""
+    return -(-h // (4 * dilation)), -(-w // (4 * dilation))
+
+
+def conv3x3(
+    x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], dilation: int = 1
+) -> torch.Tensor:
+    """3x3 convolution, stride 1, zero padding ``dilation``, of an ``N x C x H x W`` float32 tensor
+    with a :func:`transform_weight` kernel. Returns a channels_last tensor (any ``H``, ``W``).
+
+    A dilated convolution is an ordinary one on each of its ``d x d`` polyphase sub-images
+    (every ``d``-th row and column): output row ``d (4i + r) + a`` is row ``4i + r`` of sub-image
+    ``a``, so tiles of all sub-images are read by one strided view and written back by another.
+    """
     n, c, h, w = x.shape
-    th, tw = -(-h // 4), -(-w // 4)
+    d = dilation
+    th, tw = tiles_of(h, w, d)
     cout = kernel.shape[-1]
-    # NHWC, padded by 1 on top/left and up to whole tiles plus 1 on bottom/right.
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 4 * tw - w + 1, 1, 4 * th - h + 1))
+    # NHWC, padded by d on top/left and up to whole tiles plus d on bottom/right.
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, d, 4 * d * tw - w + d, d, 4 * d * th - h + d))
     s_n, s_h, s_w, s_c = xp.stride()
-    # tiles[p, q, n, i, j, c] = xp[n, 4i + p, 4j + q, c]: every overlapping 6x6 tile, as a view.
-    tiles = xp.as_strided((6, 6, n, th, tw, c), (s_h, s_w, s_n, 4 * s_h, 4 * s_w, s_c))
-    out = x.new_empty(n, th, 4, tw, 4, cout)
+    # tiles[p, q, n, a, b, i, j, c] = xp[n, d (4i + p) + a, d (4j + q) + b, c]: every overlapping
+    # 6x6 tile of every sub-image, as a view.
+    tiles = xp.as_strided(
+        (6, 6, n, d, d, th, tw, c), (d * s_h, d * s_w, s_n, s_h, s_w, 4 * d * s_h, 4 * d * s_w, s_c)
+    )
+    out = x.new_empty(n, th, 4, d, tw, 4, d, cout)  # row (4i + r) d + a, column (4j + s) d + b
     transform_in, transform_out = _IN.to(x.device), _OUT.to(x.device)
-    per_image = 36 * th * tw * max(c, cout) * 4
+    per_image = 36 * d * d * th * tw * max(c, cout) * 4
     step = max(1, CHUNK_BYTES // per_image)
     for i in range(0, n, step):
         k = min(n, i + step) - i
-        t = k * th * tw
+        t = k * d * d * th * tw
         v = torch.mm(transform_in, tiles[:, :, i : i + k].reshape(36, t * c))  # B^T d B
         m = torch.bmm(v.view(36, t, c), kernel)  # 36 products over the channels
         y = torch.mm(transform_out, m.view(36, t * cout))  # A^T m A: (4 * 4, t * cout)
-        out[i : i + k].copy_(y.view(4, 4, k, th, tw, cout).permute(2, 3, 0, 4, 1, 5))
-    y = out.view(n, 4 * th, 4 * tw, cout)
-    if 4 * th != h or 4 * tw != w:
+        y = y.view(4, 4, k, d, d, th, tw, cout)  # (r, s, n, a, b, i, j, co)
+        out[i : i + k].copy_(y.permute(2, 5, 0, 3, 6, 1, 4, 7))
+    y = out.view(n, 4 * d * th, 4 * d * tw, cout)
+    if 4 * d * th != h or 4 * d * tw != w:
         y = y[:, :h, :w].contiguous()
     if bias is not None:
         y.add_(bias)
@@ -89,13 +106,13 @@ def conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor])
 
 
 def qualifies(conv: nn.Module) -> bool:
-    """A plain dense 3x3 convolution, stride 1, dilation 1, zero padding 1."""
+    """A plain dense 3x3 convolution, stride 1, zero padding equal to its (square) dilation."""
     return (
         type(conv) is nn.Conv2d
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
+        and conv.dilation[0] == conv.dilation[1]
+        and conv.padding == conv.dilation
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and conv.in_channels >= MIN_CHANNELS
@@ -104,10 +121,13 @@ def qualifies(conv: nn.Module) -> bool:
 
 class WinogradConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that runs :func:`conv3x3` where it pays (CPU float32 without autograd,
-    maps up to ``MAX_SIZE``, at least ``MIN_TILES`` output tiles in the batch); anywhere else,
+    maps up to ``MAX_SIZE``, at least ``MIN_TILES`` output tiles in the batch, dilation below the
+    map's size); anywhere else,
     and under TorchScript, tracing and compile, the ordinary convolution. Same parameters and
     state-dict keys; the transformed kernel is a cache rebuilt whenever the weight changes
     (``load_state_dict``, in-place edits)."""
+
+    computes_plain_conv2d = True  # computes nn.Conv2d's function: md.live_taps may drop dead taps
 
     @classmethod
     def convert(cls, conv: nn.Conv2d) -> WinogradConv2d:
@@ -134,10 +154,20 @@ class WinogradConv2d(nn.Conv2d):
             and x.dim() == 4
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
-            and 4 <= min(x.shape[-2:])
             and max(x.shape[-2:]) <= MAX_SIZE
-            and x.shape[0] * -(-x.shape[-2] // 4) * -(-x.shape[-1] // 4) >= MIN_TILES
+            and self._tiles_pay(x.shape[0], x.shape[-2], x.shape[-1])
         )
+
+    @torch.jit.unused
+    def _tiles_pay(self, n, h, w):
+        d = self.dilation[0]
+        if d >= min(h, w):  # the outer taps read only padding: callers drop them (md.live_taps)
+            return False
+        th, tw = tiles_of(h, w, d)
+        tiles = n * d * d * th * tw
+        # Enough tiles to amortise reading the 4x larger kernel, and at most half of their outputs
+        # cropped away (a 5x5 map needs 2x2 tiles of 16 outputs each).
+        return tiles >= MIN_TILES and h * w >= 0.5 * tiles * 16 / n
 
     @torch.jit.unused
     def _winograd(self, x):
@@ -146,4 +176,4 @@ class WinogradConv2d(nn.Conv2d):
         if self._winograd_key != key:
             self._winograd_kernel = transform_weight(w)
             self._winograd_key = key
-        return conv3x3(x, self._winograd_kernel, self.bias)
+        return conv3x3(x, self._winograd_kernel, self.bias, self.dilation[0])

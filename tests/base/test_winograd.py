@@ -17,6 +17,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+@pytest.mark.parametrize("dilation", [1, 2, 3])
 @pytest.mark.parametrize(
     "n, c, h, w, cout, bias",
     [
@@ -27,19 +28,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
         (2, 32, 4, 20, 16, False),
     ],
 )
-def test_conv3x3_matches_the_direct_convolution(n, c, h, w, cout, bias):
+def test_conv3x3_matches_the_direct_convolution(n, c, h, w, cout, bias, dilation):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, h, w, generator=g)
     weight = torch.randn(cout, c, 3, 3, generator=g)
     b = torch.randn(cout, generator=g) if bias else None
-    y = wg.conv3x3(x, wg.transform_weight(weight), b)
-    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    y = wg.conv3x3(x, wg.transform_weight(weight), b, dilation)
+    b64 = None if b is None else b.double()
+    ref = F.conv2d(x.double(), weight.double(), b64, padding=dilation, dilation=dilation)
     assert y.shape == ref.shape
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(y, ref) < 5e-5  # ~1e-5 is the method's float32 rounding
     # A wrong kernel (output channels swapped) is far off, so the bound can fail.
     other = wg.transform_weight(weight.roll(1, 0))
-    assert rel_err(wg.conv3x3(x, other, b), ref) > 1e-2
+    assert rel_err(wg.conv3x3(x, other, b, dilation), ref) > 1e-2
 
 
 def test_conv3x3_in_chunks_equals_one_pass(monkeypatch):
@@ -55,7 +57,9 @@ def test_conv3x3_in_chunks_equals_one_pass(monkeypatch):
     [
         ({}, True),
         ({"stride": 2}, False),
-        ({"dilation": 2, "padding": 2}, False),
+        ({"dilation": 2, "padding": 2}, True),
+        ({"dilation": 2, "padding": 1}, False),
+        ({"dilation": (1, 2), "padding": (1, 2)}, False),
         ({"groups": 2}, False),
         ({"padding": 0}, False),
         ({"padding_mode": "reflect"}, False),
@@ -114,6 +118,25 @@ def test_runs_where_it_pays_and_falls_back_elsewhere(monkeypatch):
     assert spy.calls == 1
 
 
+def test_dilated_runs_below_the_map_size_and_keeps_dead_taps_elsewhere(monkeypatch):
+    from segmentation_models_pytorch.base import modules as md
+
+    spy = Counting(monkeypatch)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 16, 3, padding=2, dilation=2)
+    plain = copy.deepcopy(conv)
+    wg.WinogradConv2d.convert(conv)
+    with torch.no_grad():
+        x = torch.randn(2, 128, 16, 16)  # 2 images x 4 sub-images x 2x2 tiles
+        assert rel_err(conv(x), plain(x)) < 5e-5 and spy.calls == 1
+        wide = nn.Conv2d(128, 16, 3, padding=24, dilation=24)
+        ref = wide(x)
+        wg.WinogradConv2d.convert(wide)
+        assert md.live_taps(wide, x) is not None  # still recognised: ASPP drops the dead taps
+        assert rel_err(md.conv_without_dead_taps(wide, x), ref) < 1e-6
+        assert rel_err(wide(x), ref) < 1e-6 and spy.calls == 1
+
+
 def test_kernel_cache_follows_the_weight(monkeypatch):
     conv, plain = converted()
     x = torch.randn(2, 128, 16, 16)
@@ -130,7 +153,7 @@ def test_kernel_cache_follows_the_weight(monkeypatch):
         assert rel_err(conv(x), plain(x)) < 5e-5
 
 
-@pytest.mark.parametrize("arch", ["Unet", "FPN", "Linknet", "UPerNet"])
+@pytest.mark.parametrize("arch", ["Unet", "FPN", "Linknet", "UPerNet", "DeepLabV3Plus"])
 def test_fast_path_uses_winograd_and_keeps_outputs(arch, monkeypatch):
     torch.manual_seed(0)
     model = smp.create_model(arch, encoder_name="resnet18", encoder_weights=None).eval()
