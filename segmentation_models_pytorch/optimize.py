@@ -11,7 +11,9 @@ Rewrites an eval-mode model for speed without changing what it computes (beyond 
 3. replaces dropout layers (no-ops in eval) with identities;
 4. keeps weights in ``channels_last``;
 5. optionally casts weights to ``bfloat16``/``float16``; inputs are cast on the way in and outputs
-   back to the caller's dtype on the way out.
+   back to the caller's dtype on the way out;
+6. in float32 on CPU, turns dense 3x3 convolutions with many channels into Winograd convolutions
+   (:mod:`.base.winograd`), which run where they pay and fall back to the plain one elsewhere.
 
 The result is checked against the original on a probe input before it is returned.
 """

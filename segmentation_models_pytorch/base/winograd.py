@@ -13,7 +13,8 @@ convolution is cheap and the transforms' traffic dominates. The rounding is larg
 direct convolution's (the transforms have entries up to 8 and 1/24): about 1e-5 relative per
 convolution, and 4e-6 on whole ResNet-34 models, the same as the direct fast path's against
 float64. Inference only: the kernel transform is cached and gradients would not reach the weight,
-so under autograd the ordinary convolution runs.
+so under autograd the ordinary convolution runs. Dilated convolutions (padding = dilation) are
+the same computation on polyphase sub-images (see :func:`conv3x3`).
 """
 
 from __future__ import annotations
@@ -122,10 +123,9 @@ def qualifies(conv: nn.Module) -> bool:
 class WinogradConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that runs :func:`conv3x3` where it pays (CPU float32 without autograd,
     maps up to ``MAX_SIZE``, at least ``MIN_TILES`` output tiles in the batch, dilation below the
-    map's size); anywhere else,
-    and under TorchScript, tracing and compile, the ordinary convolution. Same parameters and
-    state-dict keys; the transformed kernel is a cache rebuilt whenever the weight changes
-    (``load_state_dict``, in-place edits)."""
+    map's size); anywhere else, and under TorchScript, tracing and compile, the ordinary
+    convolution. Same parameters and state-dict keys; the transformed kernel is a cache rebuilt
+    whenever the weight changes (``load_state_dict``, in-place edits)."""
 
     computes_plain_conv2d = True  # computes nn.Conv2d's function: md.live_taps may drop dead taps
 
@@ -164,10 +164,10 @@ class WinogradConv2d(nn.Conv2d):
         if d >= min(h, w):  # the outer taps read only padding: callers drop them (md.live_taps)
             return False
         th, tw = tiles_of(h, w, d)
-        tiles = n * d * d * th * tw
-        # Enough tiles to amortise reading the 4x larger kernel, and at most half of their outputs
-        # cropped away (a 5x5 map needs 2x2 tiles of 16 outputs each).
-        return tiles >= MIN_TILES and h * w >= 0.5 * tiles * 16 / n
+        per_image = d * d * th * tw
+        # Enough tiles to amortise reading the 4x larger kernel, and at most half of their 16
+        # outputs each cropped away (a 5x5 map needs 2x2 tiles).
+        return n * per_image >= MIN_TILES and h * w >= 8 * per_image
 
     @torch.jit.unused
     def _winograd(self, x):

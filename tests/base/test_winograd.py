@@ -100,7 +100,7 @@ def test_runs_where_it_pays_and_falls_back_elsewhere(monkeypatch):
         for other in (
             torch.randn(1, 128, 8, 8),  # 4 tiles: reading the kernel costs more than it saves
             torch.randn(1, 128, 72, 72),  # larger than MAX_SIZE
-            torch.randn(4, 128, 3, 3),  # smaller than a tile
+            torch.randn(4, 128, 3, 3),  # 4 tiles, each smaller than the 4x4 it computes
         ):
             assert rel_err(conv(other), plain(other)) < 1e-6
         assert rel_err(copy.deepcopy(conv).double()(x.double()), plain.double()(x.double())) < 1e-12
