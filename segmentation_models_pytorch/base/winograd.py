@@ -136,6 +136,18 @@ class WinogradConv2d(nn.Conv2d):
         conv._winograd_key = None
         return conv
 
+    def __getstate__(self):
+        # The cache is derived data, 4x the weight: torch.save(model) and copy.deepcopy(model)
+        # would otherwise store or duplicate it (the copy rebuilds its own on first use).
+        state = super().__getstate__()
+        state["_winograd_kernel"] = state["_winograd_key"] = None
+        return state
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() replace the weight: the old kernel would only hold memory.
+        self._winograd_kernel = self._winograd_key = None
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or not self._pays(x):
             return self._conv_forward(x, self.weight, self.bias)

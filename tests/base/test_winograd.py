@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -151,6 +152,29 @@ def test_kernel_cache_follows_the_weight(monkeypatch):
         conv.weight = nn.Parameter(plain.weight * 3)  # a new parameter
         plain.weight.mul_(3)
         assert rel_err(conv(x), plain(x)) < 5e-5
+
+
+def test_saving_and_copying_leave_the_kernel_cache_behind(tmp_path):
+    conv, plain = converted()
+    x = torch.randn(2, 128, 16, 16)
+    with torch.no_grad():
+        conv(x)
+    assert conv._winograd_kernel is not None
+    for other in (copy.deepcopy(conv), _saved_and_loaded(conv, tmp_path / "conv.pt")):
+        assert isinstance(other, wg.WinogradConv2d) and other._winograd_kernel is None
+        with torch.no_grad():
+            assert rel_err(other(x), plain(x)) < 5e-5  # rebuilt for the copy's own weight
+        assert other._winograd_kernel is not None
+    assert conv._winograd_kernel is not None  # the original keeps its cache
+    size = lambda m: len(pickle.dumps(m))  # noqa: E731
+    assert size(conv) < 2 * size(plain)  # the pickled module holds the weight, not 4x it
+    conv.to(torch.float64)  # moving or casting drops the cache (it would only hold memory)
+    assert conv._winograd_kernel is None
+
+
+def _saved_and_loaded(module, path):
+    torch.save(module, path)
+    return torch.load(path, weights_only=False)
 
 
 @pytest.mark.parametrize("arch", ["Unet", "FPN", "Linknet", "UPerNet", "DeepLabV3Plus"])
