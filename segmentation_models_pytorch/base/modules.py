@@ -214,12 +214,19 @@ def live_taps(conv, x):
     return weight, (0 if rows else dh, 0 if cols else dw), (1 if rows else dh, 1 if cols else dw)
 
 
+def computes_plain_conv2d(conv: nn.Module) -> bool:
+    """``nn.Conv2d`` itself, or a subclass that declares it computes the same function with the
+    same parameters (``computes_plain_conv2d = True``, e.g. the fast path's Winograd convolution):
+    code that reads such a conv's weight and calls ``F.conv2d`` on its own gives the same result."""
+    return type(conv) is nn.Conv2d or getattr(type(conv), "computes_plain_conv2d", False)
+
+
 @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused functions
 def _has_dead_taps(conv, x):
     from .model import is_torch_compiling
 
     return (
-        (type(conv) is nn.Conv2d or getattr(type(conv), "computes_plain_conv2d", False))
+        computes_plain_conv2d(conv)
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == conv.dilation

@@ -127,7 +127,8 @@ class WinogradConv2d(nn.Conv2d):
     convolution. Same parameters and state-dict keys; the transformed kernel is a cache rebuilt
     whenever the weight changes (``load_state_dict``, in-place edits)."""
 
-    computes_plain_conv2d = True  # computes nn.Conv2d's function: md.live_taps may drop dead taps
+    # Computes nn.Conv2d's function: md.live_taps may drop dead taps, Unet may fold its upsampling.
+    computes_plain_conv2d = True
 
     @classmethod
     def convert(cls, conv: nn.Conv2d) -> WinogradConv2d:

@@ -74,7 +74,7 @@ class UnetDecoderBlock(recompute.ChainedConvPair, nn.Module):
             and not md.plain_module_calls_active()
             and self.interpolation_mode == "nearest"
             and isinstance(self.attention1.attention, nn.Identity)
-            and type(conv) is nn.Conv2d
+            and md.computes_plain_conv2d(conv)
             and conv.kernel_size == (3, 3)
             and conv.stride == (1, 1)
             and conv.padding == (1, 1)

@@ -194,6 +194,26 @@ def test_fast_path_uses_winograd_and_keeps_outputs(arch, monkeypatch):
     assert fast.state_dict().keys() == plain.state_dict().keys()
 
 
+def test_unet_fast_path_still_folds_its_upsampling(monkeypatch):
+    from segmentation_models_pytorch.decoders import unet
+
+    calls = []
+    folded = unet.UnetDecoderBlock._folded_forward
+    monkeypatch.setattr(unet.UnetDecoderBlock, "_folded_forward", lambda *a: calls.append(1) or folded(*a))
+    model = smp.Unet("resnet18", encoder_weights=None, decoder_channels=(128, 128, 64, 32, 16)).eval()
+    fast = smp.optimize_for_inference(model)
+    blocks = fast.decoder.blocks
+    assert any(isinstance(b.conv1[0], wg.WinogradConv2d) for b in blocks)  # in >= 128 channels
+    x = torch.randn(2, 3, 128, 128)
+    calls.clear()  # optimize_for_inference ran its own probes
+    with torch.no_grad():
+        expected = model(x)
+        assert len(calls) == len(blocks)
+        calls.clear()
+        assert rel_err(fast(x), expected) < 1e-4
+    assert len(calls) == len(blocks)  # Winograd-converted conv1s keep the low-resolution fold
+
+
 def test_not_used_for_bfloat16():
     model = smp.Unet("resnet18", encoder_weights=None).eval()
     fast = smp.optimize_for_inference(model, dtype=torch.bfloat16)
