@@ -211,9 +211,21 @@ def _find_conv_act_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[st
     """(conv name, activation name) pairs where the activation is the first op to read the conv's
     output and, unless it works in place, the only one: fusing then changes nothing any other op
     sees. Traced on the model's own paths (shortcuts included) with and without autograd: a pair
-    must hold in both, as blocks may take different routes in the two."""
+    must hold in both, as blocks may take different routes in the two. Convs that a block reads by
+    weight on some route (``weight_read_convs``, e.g. Unet's fold, taken only for inputs larger
+    than a small probe) stay plain, whatever route the probe took."""
     found = [set(_conv_act_pairs(model, probe, grad)) for grad in (False, True)]
-    return sorted(found[0] & found[1])
+    return sorted((conv, act) for conv, act in found[0] & found[1] if conv not in _weight_read_convs(model))
+
+
+def _weight_read_convs(model: nn.Module) -> set:
+    """Names of the convs whose weights a module's forward may use directly instead of calling
+    them: its class lists them, relative to itself, in ``weight_read_convs``."""
+    names = set()
+    for prefix, mod in model.named_modules():
+        for rel in getattr(type(mod), "weight_read_convs", ()):
+            names.add(f"{prefix}.{rel}" if prefix else rel)
+    return names
 
 
 def _conv_act_pairs(model: nn.Module, probe: torch.Tensor, grad: bool) -> List[Tuple[str, str]]:

@@ -200,6 +200,7 @@ def test_unet_fast_path_still_folds_its_upsampling(monkeypatch):
     calls = []
     folded = unet.UnetDecoderBlock._folded_forward
     monkeypatch.setattr(unet.UnetDecoderBlock, "_folded_forward", lambda *a: calls.append(1) or folded(*a))
+    monkeypatch.setattr(unet, "FOLD_MIN_PIXELS", 0)  # fold every block, the deepest (2x4x4) too
     model = smp.Unet("resnet18", encoder_weights=None, decoder_channels=(128, 128, 64, 32, 16)).eval()
     fast = smp.optimize_for_inference(model)
     blocks = fast.decoder.blocks

@@ -90,6 +90,7 @@ def test_folded_block_matches_plain_block_forward_and_backward(use_norm, skip_ch
 
 
 def test_folded_unet_matches_plain_unet(monkeypatch):
+    monkeypatch.setattr(unet, "FOLD_MIN_PIXELS", 0)  # every block folds, the 2x3 deepest one too
     torch.manual_seed(0)
     model = smp.Unet("resnet18", encoder_weights=None, classes=3).eval()
     x = torch.randn(2, 3, 64, 96)
@@ -114,9 +115,29 @@ def test_folded_unet_trains_like_plain_unet(monkeypatch):
     torch.manual_seed(0)
     model = smp.Unet("resnet18", encoder_weights=None, classes=2).train()
     x = torch.randn(2, 3, 64, 64)
-    y_fold, _ = _forward_backward(model, x, True, monkeypatch)
+    monkeypatch.setattr(unet, "FOLD_MIN_PIXELS", 0)
+    y_fold, _ = _forward_backward(model, x, True, monkeypatch)  # undoes the threshold patch
     y_plain, _ = _forward_backward(model, x, False, monkeypatch)
     assert _rel(y_fold, y_plain) < 1e-4
+
+
+def test_small_inputs_take_the_plain_path_large_ones_fold(monkeypatch):
+    # Building the folded kernels costs the same at any input size; below FOLD_MIN_PIXELS low-res
+    # pixels (batch x h x w) the plain block is faster, so it runs instead.
+    block = unet.UnetDecoderBlock(32, 16, 16).eval()
+    to_channels_last(block)
+    calls = []
+    folded = unet.UnetDecoderBlock._folded_forward
+    monkeypatch.setattr(unet.UnetDecoderBlock, "_folded_forward", lambda *a: calls.append(1) or folded(*a))
+    side = 8
+    small = unet.FOLD_MIN_PIXELS // (side * side) - 1  # one image short of the threshold
+    with torch.no_grad():
+        for n, expect in ((small, 0), (small + 1, 1)):
+            calls.clear()
+            x = torch.randn(n, 32, side, side).contiguous(memory_format=torch.channels_last)
+            skip = torch.randn(n, 16, 2 * side, 2 * side).contiguous(memory_format=torch.channels_last)
+            assert block(x, 2 * side, 2 * side, skip).shape == (n, 16, 2 * side, 2 * side)
+            assert len(calls) == expect, (n, calls)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +161,23 @@ def test_unfoldable_configurations_take_the_plain_path(kwargs, shape, monkeypatc
         assert not any(checks)
     else:
         assert not all(checks)
+
+
+def test_fast_path_keeps_blocks_foldable_that_its_small_probe_ran_plain(monkeypatch):
+    # optimize_for_inference probes with 1x3x64x64, where the deep blocks are below the fold
+    # threshold and run conv1 as a layer; fusing that conv with its ReLU would switch the fold
+    # off for the large inputs the model is then used on.
+    torch.manual_seed(0)
+    model = smp.Unet("resnet18", encoder_weights=None).eval()
+    fast = smp.optimize_for_inference(model)
+    calls = []
+    folded = unet.UnetDecoderBlock._folded_forward
+    monkeypatch.setattr(unet.UnetDecoderBlock, "_folded_forward", lambda *a: calls.append(1) or folded(*a))
+    monkeypatch.setattr(unet, "FOLD_MIN_PIXELS", 16)  # a "large" input: 128x128 then folds everywhere
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(x)
+        calls.clear()
+        got = fast(x)
+    assert len(calls) == len(fast.decoder.blocks)
+    assert _rel(got, expected) < 1e-4
