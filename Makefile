@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test demo test test-all lint docs bench
+.PHONY: install install-test demo test test-all lint docs bench gpu-prep
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,3 +33,9 @@ docs: $(BIN)/python
 
 bench: install-test
 	$(BIN)/python benchmarks/compare_smp.py
+
+# What benchmarks/gpu_check.sh needs on a GPU machine without a package index (see that script).
+gpu-prep: install-test
+	$(BIN)/pip wheel -q --no-deps -w .whl efficientnet-pytorch==0.7.1 pretrainedmodels==0.7.4 munch
+	test -f .bench/smp06-pkg/segmentation_models_pytorch/__init__.py || \
+	  $(BIN)/pip install -q --no-deps --target .bench/smp06-pkg segmentation-models-pytorch==0.6.0

@@ -11,6 +11,13 @@ Modes:
     train    train-step latency (forward + backward + SGD step) and peak RSS. Alone in its process,
              so the peak is the training peak and nothing else. With ``--tensor-memory`` also the
              peak of live tensor bytes during one more step (see :func:`_peak_tensor_mb`).
+    throughput
+             images per second of eval and of training (forward + backward + SGD step) in each of
+             ``--modes``: ``eager`` (the model as built: what a user gets without changing code),
+             ``amp`` (model and input in ``channels_last``, autocast to ``--amp-dtype``; float16
+             training uses a GradScaler) and ``compile`` (``amp`` plus ``torch.compile``). Each
+             mode builds its own model from the same seed; the first iterations (for ``compile``,
+             the compilation) are timed apart as ``*_warmup_s``. The issue's GPU comparison.
 """
 
 from __future__ import annotations
@@ -83,9 +90,69 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def _throughput(smp, torch, args, device, sync, out: dict) -> None:
+    """Fill ``out[f"{mode}_{eval|train}_ips"]`` (images/s) and the warm-up times per mode."""
+    amp_dtype = getattr(torch, args.amp_dtype)
+    cls = getattr(smp, args.arch)
+    cl = torch.channels_last
+    for mode in filter(None, args.modes.split(",")):
+        if mode not in ("eager", "amp", "compile"):
+            raise SystemExit(f"unknown throughput mode {mode!r}: use eager, amp or compile")
+        fast = mode != "eager"
+        torch.manual_seed(0)
+        model = cls(encoder_name=args.encoder, encoder_weights=None, classes=2).to(device)
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        target = torch.randn(args.batch, 2, args.size, args.size, device=device)
+        if fast:  # what a user writes for mixed precision; a no-op for a model that is already NHWC
+            model = model.to(memory_format=cl)
+            x = x.contiguous(memory_format=cl)
+        net = torch.compile(model) if mode == "compile" else model
+
+        def autocast(fast=fast):
+            return torch.autocast(device.type, dtype=amp_dtype, enabled=fast)
+
+        def infer(net=net, x=x):
+            with torch.no_grad(), autocast():
+                net(x)
+
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        use_scaler = fast and amp_dtype == torch.float16
+        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+        def train(net=net, x=x, target=target, opt=opt, scaler=scaler):
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = torch.nn.functional.mse_loss(net(x).float(), target)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+        for phase, fn, train_mode in (("eval", infer, False), ("train", train, True)):
+            model.train(train_mode)
+            s = time.perf_counter()
+            for _ in range(args.warmup):
+                fn()
+            sync()
+            out[f"{mode}_{phase}_warmup_s"] = time.perf_counter() - s
+            times = []
+            for _ in range(args.reps):
+                s = time.perf_counter()
+                for _ in range(args.iters):
+                    fn()
+                sync()
+                times.append(time.perf_counter() - s)
+            out[f"{mode}_{phase}_ips"] = args.batch * args.iters / statistics.median(times)
+        if device.type == "cuda":
+            out[f"{mode}_train_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
+        del model, net, opt
+        if hasattr(torch, "_dynamo"):
+            torch._dynamo.reset()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["import", "peak", "infer", "train"])
+    p.add_argument("what", choices=["import", "peak", "infer", "train", "throughput"])
     p.add_argument("--arch", default="Unet")
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--size", type=int, default=256)
@@ -96,6 +163,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tensor-memory", action="store_true", help="train: also the peak of live tensors")
+    p.add_argument("--modes", default="eager,amp,compile", help="throughput: eager,amp,compile")
+    p.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
+    p.add_argument("--iters", type=int, default=10, help="throughput: iterations per timed rep")
+    p.add_argument("--warmup", type=int, default=3, help="throughput: untimed iterations (compile)")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -134,6 +205,11 @@ def main() -> None:
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    if args.what == "throughput":
+        _throughput(smp, torch, args, device, sync, out)
+        print(json.dumps(out))
+        return
 
     torch.manual_seed(0)
     cls = getattr(smp, args.arch)

@@ -17,6 +17,11 @@ profiler's allocation events; deterministic, so once is enough): what each libra
 without the C allocator's retention that peak RSS includes. ``--env NAME=VALUE`` sets a variable
 for both sides (e.g. ``MALLOC_MMAP_THRESHOLD_=131072`` to see RSS under a non-adaptive glibc).
 
+``--throughput`` adds the GPU comparison the issue asks for (it also runs on a CPU, slowly): images/s
+of eval and of a train step, per model, in three modes each side runs with the same user code:
+``eager`` (as built), ``amp`` (``channels_last`` model and input + autocast) and ``compile`` (``amp`` +
+``torch.compile``); one process per model, side and round, modes in order inside it.
+
 Prints ratios (SMP time / our time: > 1 means we are faster; our memory / SMP memory: < 1 means we use
 less) and achieved GFLOP/s against the machine's measured fp32 matmul peak, then writes
 docs/benchmarks.md.
@@ -136,17 +141,28 @@ def main() -> None:
     p.add_argument("--no-infer", action="store_true", help="train step and peak memory only")
     p.add_argument("--fast", default="fp32,bf16", help="fast paths to time (ours): fp32,bf16 or ''")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--throughput", action="store_true", help="also images/s in eager/amp/compile modes")
+    p.add_argument("--tp-modes", default="eager,amp,compile", help="throughput modes, in order")
+    p.add_argument("--tp-archs", nargs="+", help="throughput models (default: --archs)")
+    p.add_argument("--tp-batch", type=int, default=16, help="throughput batch size")
+    p.add_argument("--tp-iters", type=int, default=10, help="throughput iterations per timed rep")
+    p.add_argument("--tp-rounds", type=int, help="throughput rounds (default: --rounds)")
+    p.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set for both sides")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = p.parse_args()
     if args.quick:
         args.archs, args.encoders = ["Unet", "FPN"], ["resnet34"]
 
-    ours_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Each side's library goes first; an existing PYTHONPATH (e.g. dependencies unpacked from wheels
+    # on a machine without an index) follows for both.
+    extra_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    ours_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *extra_path])}
     if args.smp_python:
         smp_side = (args.smp_python, {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     else:
-        smp_side = (sys.executable, {**os.environ, "PYTHONPATH": str(ensure_smp_package(SMP_PKG))})
+        smp_path = os.pathsep.join([str(ensure_smp_package(SMP_PKG)), *extra_path])
+        smp_side = (sys.executable, {**os.environ, "PYTHONPATH": smp_path})
     extra_env = dict(item.split("=", 1) for item in args.env)
     for env in (ours_env, smp_side[1]):
         env.update(extra_env)
@@ -226,33 +242,40 @@ def main() -> None:
                 print(row, flush=True)
             lines += rows
 
+    if args.throughput:
+        lines += _throughput_section(args, sides, order)
+
     summary_start = len(lines)
-    lines += [
-        "",
-        "## Targets (issue 7) over this run",
-        "",
-        "| metric | target | met | geometric mean ratio |",
-        "|---|---|---|---|",
-    ]
-    for label, (kind, threshold) in TARGETS.items():
-        if not verdicts[label]:
-            continue
-        gm = statistics.geometric_mean(ratios[label])
-        sign = ">=" if kind == "speed" else "<="
-        unit = "x faster" if kind == "speed" else "x memory"
+    if any(verdicts.values()):  # a latency/memory run (not --throughput alone)
+        lines += [
+            "",
+            "## Targets (issue 7) over this run",
+            "",
+            "| metric | target | met | geometric mean ratio |",
+            "|---|---|---|---|",
+        ]
+        for label, (kind, threshold) in TARGETS.items():
+            if not verdicts[label]:
+                continue
+            gm = statistics.geometric_mean(ratios[label])
+            sign = ">=" if kind == "speed" else "<="
+            unit = "x faster" if kind == "speed" else "x memory"
+            lines.append(
+                f"| {label} | {sign} {threshold:.2f}{unit} | {sum(verdicts[label])}/{len(verdicts[label])} "
+                f"| {gm:.2f}{unit} |"
+            )
         lines.append(
-            f"| {label} | {sign} {threshold:.2f}{unit} | {sum(verdicts[label])}/{len(verdicts[label])} "
-            f"| {gm:.2f}{unit} |"
+            f"\nRatios: SMP time / our time (> 1: we are faster); our memory / SMP memory (< 1: we use "
+            f"less). `fast path` = `smp.optimize_for_inference(model)` (bf16: `dtype=torch.bfloat16`), "
+            f"compared with SMP's eager fp32 eval; its max relative error against our eager output is "
+            f"in brackets. "
+            f"Train peak RSS is the whole process (torch, libraries, weights, gradients, momentum, "
+            f"activations, and what the C allocator keeps after frees); train peak tensor memory is the "
+            f"most tensor bytes alive at once during a step (weights, gradients, momentum, batch, "
+            f"activations, temporaries). Took {time.time() - started:.0f} s."
         )
-    lines.append(
-        f"\nRatios: SMP time / our time (> 1: we are faster); our memory / SMP memory (< 1: we use less). "
-        f"`fast path` = `smp.optimize_for_inference(model)` (bf16: `dtype=torch.bfloat16`), compared with "
-        f"SMP's eager fp32 eval; its max relative error against our eager output is in brackets. "
-        f"Train peak RSS is the whole process (torch, libraries, weights, gradients, momentum, "
-        f"activations, and what the C allocator keeps after frees); train peak tensor memory is the "
-        f"most tensor bytes alive at once during a step (weights, gradients, momentum, batch, "
-        f"activations, temporaries). Took {time.time() - started:.0f} s."
-    )
+    else:
+        lines.append(f"\nTook {time.time() - started:.0f} s.")
     print("\n".join(lines[summary_start:]))
     Path(args.out).write_text(
         "# Benchmarks: ours vs SMP 0.6.0\n\nGenerated by `make bench` (benchmarks/compare_smp.py); "
@@ -305,6 +328,69 @@ def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:
                 f"{do / ds:.2f}x memory | | | |"
             )
     return rows
+
+
+def _throughput_section(args, sides, order) -> List[str]:
+    """Run the throughput workers (alternating sides) and return the section's markdown lines."""
+    modes = [m for m in args.tp_modes.split(",") if m]
+    head = [
+        "",
+        f"## Throughput on {args.device}: eager, AMP + channels_last, + torch.compile",
+        "",
+        f"Images/s (higher is better), batch {args.tp_batch} at {args.size}x{args.size}, autocast "
+        f"{args.amp_dtype}; ratio = ours / SMP. `amp`: each side's user code moves model and input to "
+        f"channels_last and runs under autocast (float16 training with a GradScaler); `compile`: the "
+        f"same plus `torch.compile(model)`, whose compilation is in the warm-up column (eval + train).",
+        "",
+        "| model | mode | eval ours | eval SMP | ratio | train ours | train SMP | ratio "
+        "| warm-up s ours / SMP | train peak MB ours / SMP |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for line in head:
+        print(line, flush=True)
+    rows, ratios = [], {m: [] for m in modes}
+    common = ["--size", str(args.size), "--batch", str(args.tp_batch), "--device", args.device]
+    common += ["--iters", str(args.tp_iters), "--reps", str(args.reps), "--amp-dtype", args.amp_dtype]
+    rounds = args.tp_rounds or args.rounds
+    for arch in args.tp_archs or args.archs:
+        for encoder in args.encoders:
+            res = {s: [] for s in sides}
+            for r in range(rounds):
+                for side in order(r):
+                    cmd = ["throughput", "--arch", arch, "--encoder", encoder, "--modes", ",".join(modes)]
+                    res[side].append(run_worker(*sides[side], cmd + common))
+            for mode in modes:
+                cells = []
+                for phase in ("eval", "train"):
+                    o = median(res["ours"], f"{mode}_{phase}_ips")
+                    s = median(res["smp"], f"{mode}_{phase}_ips")
+                    if o is None or s is None:
+                        err = next((r["error"] for r in res["ours"] + res["smp"] if "error" in r), "?")
+                        cells = [f"error: {err}", "", "", "", "", ""]
+                        break
+                    cells += [f"{o:.1f}", f"{s:.1f}", f"{o / s:.2f}x"]
+                    ratios[mode].append(o / s)
+
+                warmup = _pair(res, [f"{mode}_eval_warmup_s", f"{mode}_train_warmup_s"], "{:.1f}")
+                peak_mb = _pair(res, [f"{mode}_train_peak_mb"], "{:.0f}")
+                row = f"| {arch}-{encoder} | {mode} | {' | '.join(cells)} | {warmup} | {peak_mb} |"
+                print(row, flush=True)
+                rows.append(row)
+    summary = ["", "| mode | geometric mean ours / SMP (eval and train rows) |", "|---|---|"]
+    summary += [
+        f"| {mode} | {statistics.geometric_mean(v):.2f}x |" for mode, v in ratios.items() if v
+    ]
+    print("\n".join(summary), flush=True)
+    return head + rows + summary
+
+
+def _pair(res, keys: List[str], fmt: str) -> str:
+    """"ours / SMP" of the medians of ``keys`` summed (``-`` where a side lacks one)."""
+    cells = []
+    for side in ("ours", "smp"):
+        values = [median(res[side], key) for key in keys]
+        cells.append(fmt.format(sum(values)) if None not in values else "-")
+    return " / ".join(cells)
 
 
 def _memory_row(name: str, label: str, ours: float, smp: float, verdicts, ratios) -> str:
