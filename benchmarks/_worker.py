@@ -90,17 +90,22 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def _throughput(smp, torch, args, device, sync, out: dict) -> None:
-    """Fill ``out[f"{mode}_{eval|train}_ips"]`` (images/s) and the warm-up times per mode."""
+THROUGHPUT_MODES = ("eager", "amp", "compile")
+
+
+def _throughput(torch, build, args, device, sync, out: dict) -> None:
+    """Fill ``out[f"{mode}_{eval|train}_ips"]`` (images/s) and the warm-up times per mode;
+    ``build()`` makes the model (on the CPU, as in the other modes)."""
     amp_dtype = getattr(torch, args.amp_dtype)
-    cls = getattr(smp, args.arch)
     cl = torch.channels_last
-    for mode in filter(None, args.modes.split(",")):
-        if mode not in ("eager", "amp", "compile"):
-            raise SystemExit(f"unknown throughput mode {mode!r}: use eager, amp or compile")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in THROUGHPUT_MODES]
+    if unknown:  # before any mode runs
+        raise SystemExit(f"unknown throughput mode {unknown[0]!r}: use eager, amp or compile")
+    for mode in modes:
         fast = mode != "eager"
         torch.manual_seed(0)
-        model = cls(encoder_name=args.encoder, encoder_weights=None, classes=2).to(device)
+        model = build().to(device)
         x = torch.randn(args.batch, 3, args.size, args.size, device=device)
         target = torch.randn(args.batch, 2, args.size, args.size, device=device)
         if fast:  # what a user writes for mixed precision; a no-op for a model that is already NHWC
@@ -129,6 +134,8 @@ def _throughput(smp, torch, args, device, sync, out: dict) -> None:
 
         for phase, fn, train_mode in (("eval", infer, False), ("train", train, True)):
             model.train(train_mode)
+            if train_mode and device.type == "cuda":  # the train peak, not eval's
+                torch.cuda.reset_peak_memory_stats(device)
             s = time.perf_counter()
             for _ in range(args.warmup):
                 fn()
@@ -144,7 +151,6 @@ def _throughput(smp, torch, args, device, sync, out: dict) -> None:
             out[f"{mode}_{phase}_ips"] = args.batch * args.iters / statistics.median(times)
         if device.type == "cuda":
             out[f"{mode}_train_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            torch.cuda.reset_peak_memory_stats(device)
         del model, net, opt
         if hasattr(torch, "_dynamo"):
             torch._dynamo.reset()
@@ -206,16 +212,17 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    if args.what == "throughput":
-        _throughput(smp, torch, args, device, sync, out)
-        print(json.dumps(out))
-        return
-
-    torch.manual_seed(0)
     cls = getattr(smp, args.arch)
 
     def build():
         return cls(encoder_name=args.encoder, encoder_weights=None, classes=2)
+
+    if args.what == "throughput":
+        _throughput(torch, build, args, device, sync, out)
+        print(json.dumps(out))
+        return
+
+    torch.manual_seed(0)
 
     s = time.perf_counter()
     model = build()

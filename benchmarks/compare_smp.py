@@ -153,6 +153,9 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.archs, args.encoders = ["Unet", "FPN"], ["resnet34"]
+    unknown = [m for m in args.tp_modes.split(",") if m and m not in ("eager", "amp", "compile")]
+    if unknown:
+        p.error(f"--tp-modes: unknown mode {unknown[0]!r}; use a comma list of eager, amp, compile")
 
     # Each side's library goes first; an existing PYTHONPATH (e.g. dependencies unpacked from wheels
     # on a machine without an index) follows for both.
@@ -360,16 +363,16 @@ def _throughput_section(args, sides, order) -> List[str]:
                     cmd = ["throughput", "--arch", arch, "--encoder", encoder, "--modes", ",".join(modes)]
                     res[side].append(run_worker(*sides[side], cmd + common))
             for mode in modes:
-                cells = []
-                for phase in ("eval", "train"):
-                    o = median(res["ours"], f"{mode}_{phase}_ips")
-                    s = median(res["smp"], f"{mode}_{phase}_ips")
-                    if o is None or s is None:
-                        err = next((r["error"] for r in res["ours"] + res["smp"] if "error" in r), "?")
-                        cells = [f"error: {err}", "", "", "", "", ""]
-                        break
-                    cells += [f"{o:.1f}", f"{s:.1f}", f"{o / s:.2f}x"]
-                    ratios[mode].append(o / s)
+                pairs = [
+                    (median(res["ours"], f"{mode}_{phase}_ips"), median(res["smp"], f"{mode}_{phase}_ips"))
+                    for phase in ("eval", "train")
+                ]
+                if any(None in pair for pair in pairs):  # no eval/train ratio counts for this mode
+                    err = next((r["error"] for r in res["ours"] + res["smp"] if "error" in r), "?")
+                    cells = [f"error: {err}", "", "", "", "", ""]
+                else:
+                    cells = [cell for o, s in pairs for cell in (f"{o:.1f}", f"{s:.1f}", f"{o / s:.2f}x")]
+                    ratios[mode] += [o / s for o, s in pairs]
 
                 warmup = _pair(res, [f"{mode}_eval_warmup_s", f"{mode}_train_warmup_s"], "{:.1f}")
                 peak_mb = _pair(res, [f"{mode}_train_peak_mb"], "{:.0f}")

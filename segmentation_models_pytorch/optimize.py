@@ -215,7 +215,8 @@ def _find_conv_act_pairs(model: nn.Module, probe: torch.Tensor) -> List[Tuple[st
     weight on some route (``weight_read_convs``, e.g. Unet's fold, taken only for inputs larger
     than a small probe) stay plain, whatever route the probe took."""
     found = [set(_conv_act_pairs(model, probe, grad)) for grad in (False, True)]
-    return sorted((conv, act) for conv, act in found[0] & found[1] if conv not in _weight_read_convs(model))
+    keep_plain = _weight_read_convs(model)
+    return sorted((conv, act) for conv, act in found[0] & found[1] if conv not in keep_plain)
 
 
 def _weight_read_convs(model: nn.Module) -> set:

@@ -51,17 +51,20 @@ def test_autograd_activations_are_counted():
 def _throughput_args(**kw):
     import argparse
 
-    base = dict(arch="Unet", encoder="resnet18", size=64, batch=2, modes="eager,amp", amp_dtype="bfloat16")
-    base.update(iters=1, reps=1, warmup=1)
+    base = dict(size=64, batch=2, modes="eager,amp", amp_dtype="bfloat16", iters=1, reps=1, warmup=1)
     base.update(kw)
     return argparse.Namespace(**base)
 
 
-def test_throughput_reports_images_per_second_for_each_mode_and_phase():
+def _build():
     import segmentation_models_pytorch as smp
 
+    return smp.Unet("resnet18", encoder_weights=None, classes=2)
+
+
+def test_throughput_reports_images_per_second_for_each_mode_and_phase():
     out = {}
-    worker._throughput(smp, torch, _throughput_args(), torch.device("cpu"), lambda: None, out)
+    worker._throughput(torch, _build, _throughput_args(), torch.device("cpu"), lambda: None, out)
     for mode in ("eager", "amp"):
         for phase in ("eval", "train"):
             assert out[f"{mode}_{phase}_ips"] > 0
@@ -71,7 +74,6 @@ def test_throughput_reports_images_per_second_for_each_mode_and_phase():
 def test_throughput_rejects_unknown_modes():
     import pytest
 
-    import segmentation_models_pytorch as smp
-
     with pytest.raises(SystemExit, match="eager, amp or compile"):
-        worker._throughput(smp, torch, _throughput_args(modes="fast"), torch.device("cpu"), lambda: None, {})
+        args = _throughput_args(modes="fast")
+        worker._throughput(torch, _build, args, torch.device("cpu"), lambda: None, {})
