@@ -21,6 +21,7 @@ Models switch it on around their forward (``SegmentationModel.recompute_activati
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -428,10 +429,12 @@ def conv_norm_act_stack(x: torch.Tensor, layers: List[nn.Module]) -> torch.Tenso
         for layer in layers:
             x = layer(x)
         return x
-    y = layers[0][0](x)
+    from .small_conv import conv_for_training
+
+    y = conv_for_training(layers[0][0], x)
     for i, layer in enumerate(layers):
         if i + 1 < len(layers):
-            y = norm_act_into(y, layer[1], layer[2], layers[i + 1][0])
+            y = norm_act_into(y, layer[1], layer[2], functools.partial(conv_for_training, layers[i + 1][0]))
         else:
             y = layer[2](layer[1](y))
     return y

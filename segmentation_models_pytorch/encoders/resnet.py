@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Sequence, Union
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..base import recompute
 from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
+from ..base.small_conv import conv_for_training
 from ._base import EncoderMixin
 from ._registry import hub
 
@@ -138,9 +140,9 @@ def _chained_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         last_bn = block.bn3
     else:
         return block(x)
-    y = block.conv1(x)
+    y = conv_for_training(block.conv1, x)
     for bn, conv in links:
-        y = recompute.norm_act_into(y, bn, block.relu, conv)
+        y = recompute.norm_act_into(y, bn, block.relu, functools.partial(conv_for_training, conv))
     out = last_bn(y)
     identity = x if block.downsample is None else block.downsample(x)
     out += identity

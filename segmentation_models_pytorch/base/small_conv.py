@@ -1,0 +1,144 @@
+"""Training convolutions on small feature maps: the weight gradient as one matrix product.
+
+A convolution's weight gradient sums ``grad_output x input-patch`` over every output pixel. On the
+deep stages of an encoder there are few pixels and many channels (ResNet-34's layer4 at 256x256
+input: 4 x 8 x 8 = 256 pixels, 512 channels; at 64x64 input 16-64 pixels), and oneDNN's CPU kernel
+for that reduction in ``channels_last`` runs far below the matmul peak there, with weight-sized
+copies per call. Per call, batch 4, two cores, median CPU time (oneDNN / here): 512 channels at
+8x8 22 / 15 ms, at 4x4 14 / 7.7 ms, at 4x4 with dilation 2 55 / 7.6 ms, 256 channels at 4x4
+4.2 / 1.3 ms; from about ``2 x pixels > in_channels`` on oneDNN is faster (256 at 16x16 16 / 22
+ms), so only the smaller maps take this path.
+
+Here the input patches are laid out once as a ``(pixels, k*k*in)`` matrix (nine strided copies of a
+small map) and the gradient is ``grad_output^T @ patches``: one GEMM with a long inner dimension,
+already in the weight's ``channels_last`` order. The forward and the input gradient are torch's
+own kernels, so outputs are bit-identical and gradients equal to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import recompute
+
+
+def conv_for_training(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; in a CPU training forward on a small map, with the cheaper weight gradient.
+
+    Falls back to ``conv(x)`` wherever the shortcut does not apply or could be observed differently:
+    other layer types, grouped or non-zero-padded convolutions, non-``channels_last`` inputs, GPUs,
+    autocast, graph capture, forward hooks on the layer, and maps large enough for oneDNN.
+    """
+    if not _applies(conv, x):
+        return conv(x)
+    return _SmallMapConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+
+def uses_small_map_path(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`conv_for_training` would take the matrix-product weight gradient for ``x``."""
+    return _applies(conv, x)
+
+
+def _applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    from .modules import computes_plain_conv2d
+
+    if not (
+        computes_plain_conv2d(conv)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype == conv.weight.dtype  # else the layer's own error
+        and conv.weight.requires_grad
+        and recompute.scope_active()  # grad enabled, not tracing/compiling, inside a model forward
+    ):
+        return False
+    k_h, k_w = conv.kernel_size
+    if k_h * k_w == 1:  # a 1x1 weight gradient is already one GEMM in oneDNN
+        return False
+    if conv._forward_hooks or conv._forward_pre_hooks or _global_hooks():
+        return False  # the layer must be called for its hooks to see it
+    if not (recompute._plain_tensor(x) and type(conv.weight) in (nn.Parameter, torch.Tensor)):
+        return False
+    if recompute._autocast_enabled("cpu") or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    pixels = x.shape[0] * _out_size(x.shape[-2], k_h, conv) * _out_size(x.shape[-1], k_w, conv, 1)
+    return 0 < 2 * pixels <= x.shape[1]
+
+
+def _global_hooks() -> bool:
+    module = torch.nn.modules.module
+    return bool(
+        getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None)
+    )
+
+
+def _out_size(size: int, kernel: int, conv: nn.Module, dim: int = 0) -> int:
+    padding, dilation, stride = conv.padding[dim], conv.dilation[dim], conv.stride[dim]
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def patch_matrix(
+    x: torch.Tensor,
+    kernel: Tuple[int, int],
+    out_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+) -> torch.Tensor:
+    """``x``'s input patches as a ``(N * H_out * W_out, k_h * k_w * C)`` matrix, channels fastest.
+
+    Row ``(n, i, j)`` holds tap ``(r, s)`` of channel ``c`` at column ``(r * k_w + s) * C + c``: the
+    order of a ``channels_last`` ``(O, C, k_h, k_w)`` weight, so ``grad^T @ patches`` is its layout.
+    Differentiable (slices and copies), so gradients of gradients flow through it.
+    """
+    n, c = x.shape[0], x.shape[1]
+    (k_h, k_w), (h_out, w_out) = kernel, out_size
+    (s_h, s_w), (d_h, d_w) = stride, dilation
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    nhwc = padded.permute(0, 2, 3, 1)
+    cols = x.new_empty((n, h_out, w_out, k_h, k_w, c))
+    for r in range(k_h):
+        for s in range(k_w):
+            rows = slice(r * d_h, r * d_h + s_h * (h_out - 1) + 1, s_h)
+            columns = slice(s * d_w, s * d_w + s_w * (w_out - 1) + 1, s_w)
+            cols[:, :, :, r, s, :] = nhwc[:, rows, columns, :]
+    return cols.view(n * h_out * w_out, k_h * k_w * c)
+
+
+class _SmallMapConv(torch.autograd.Function):
+    """``F.conv2d`` whose backward takes the weight gradient from :func:`patch_matrix` by one GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (tuple(stride), tuple(padding), tuple(dilation), None if bias is None else bias.shape)
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, bias_shape = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x: Optional[torch.Tensor] = None
+        grad_b: Optional[torch.Tensor] = None
+        if need_x or need_b:
+            grad_x, _, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, list(bias_shape) if bias_shape is not None else None,
+                list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                [need_x, False, bool(need_b)],
+            )  # fmt: skip
+        grad_w = None
+        if need_w:
+            o, c, k_h, k_w = weight.shape
+            h_out, w_out = grad.shape[-2], grad.shape[-1]
+            patches = patch_matrix(x, (k_h, k_w), (h_out, w_out), stride, padding, dilation)
+            g = grad.permute(0, 2, 3, 1).reshape(-1, o)
+            grad_w = (g.t() @ patches).view(o, k_h, k_w, c).permute(0, 3, 1, 2)
+        return grad_x, grad_w, grad_b, None, None, None

@@ -1,0 +1,149 @@
+"""The small-map training convolution: same forward, weight gradient from one matrix product."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import segmentation_models_pytorch as smp
+from segmentation_models_pytorch.base import small_conv
+from segmentation_models_pytorch.base.recompute import recompute_scope
+from segmentation_models_pytorch.base.small_conv import _SmallMapConv, conv_for_training, patch_matrix
+
+CL = torch.channels_last
+
+# (in, out, kernel, stride, padding, dilation, bias, input size)
+CONFIGS = [
+    (5, 4, 3, 1, 1, 1, False, 4),
+    (5, 4, 3, 2, 1, 1, True, 5),  # stride 2 on an odd size
+    (3, 6, 3, 1, 2, 2, False, 4),  # dilated, padding == dilation
+    (4, 3, (3, 1), (1, 2), (1, 0), 1, True, 6),  # rectangular kernel, mixed strides
+    (2, 3, 5, 1, 0, 1, False, 7),  # no padding
+]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
+def test_patch_matrix_matches_unfold(cfg):
+    cin, _, k, s, p, d, _, size = cfg
+    k, s, p, d = map(_pair, (k, s, p, d))
+    x = torch.randn(2, cin, size, size + 1, dtype=torch.float64).to(memory_format=CL)
+    ref = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*kh*kw, L), channel slowest
+    h_out = (size + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    w_out = (size + 1 + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    got = patch_matrix(x, k, (h_out, w_out), s, p, d)
+    n, taps = x.shape[0], k[0] * k[1]
+    ref = ref.view(n, cin, taps, h_out * w_out).permute(0, 3, 2, 1).reshape(n * h_out * w_out, taps * cin)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
+def test_gradients_and_second_order_gradients_are_exact(cfg):
+    cin, cout, k, s, p, d, bias, size = cfg
+    k, s, p, d = map(_pair, (k, s, p, d))
+    torch.manual_seed(0)
+    x = torch.randn(2, cin, size, size, dtype=torch.float64).to(memory_format=CL).requires_grad_()
+    w = torch.randn(cout, cin, *k, dtype=torch.float64).to(memory_format=CL).requires_grad_()
+    b = torch.randn(cout, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, w) + ((b,) if bias else ())
+
+    def fn(*t):
+        return _SmallMapConv.apply(t[0], t[1], t[2] if bias else None, s, p, d)
+
+    assert torch.equal(fn(*inputs), F.conv2d(x, w, b, s, p, d))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_weight_gradient_only_when_asked():
+    x = torch.randn(1, 4, 3, 3).to(memory_format=CL)  # no grad for the input
+    w = torch.randn(2, 4, 3, 3).to(memory_format=CL).requires_grad_()
+    out = _SmallMapConv.apply(x, w, None, (1, 1), (1, 1), (1, 1))
+    out.sum().backward()
+    ref = torch.ops.aten.convolution_backward(
+        torch.ones_like(out), x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+    torch.testing.assert_close(w.grad, ref, rtol=1e-5, atol=1e-6)
+
+
+def _deep_conv(cin=512, cout=8):
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(memory_format=CL)
+
+
+def _small_map(cin=512, size=4, batch=2):
+    return torch.randn(batch, cin, size, size).to(memory_format=CL).requires_grad_()
+
+
+def test_which_calls_take_the_path():
+    conv, x = _deep_conv(), _small_map()
+    assert not small_conv.uses_small_map_path(conv, x)  # outside a model's training forward
+    with recompute_scope(True):
+        assert small_conv.uses_small_map_path(conv, x)  # 2 x 4 x 4 = 32 pixels, 512 channels
+        assert not small_conv.uses_small_map_path(conv, _small_map(size=16))  # 512 pixels: oneDNN
+        assert not small_conv.uses_small_map_path(conv, x.contiguous())  # NCHW input
+        assert not small_conv.uses_small_map_path(conv, x.double())  # weight is float32: conv raises
+        grouped = nn.Conv2d(512, 512, 3, padding=1, groups=512).to(memory_format=CL)
+        assert not small_conv.uses_small_map_path(grouped, x)
+        assert not small_conv.uses_small_map_path(nn.Conv2d(512, 8, 1).to(memory_format=CL), x)
+        reflect = nn.Conv2d(512, 8, 3, padding=1, padding_mode="reflect").to(memory_format=CL)
+        assert not small_conv.uses_small_map_path(reflect, x)
+        frozen = _deep_conv().requires_grad_(False)
+        assert not small_conv.uses_small_map_path(frozen, x)
+        with torch.no_grad():
+            assert not small_conv.uses_small_map_path(conv, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not small_conv.uses_small_map_path(conv, x)
+        handle = conv.register_forward_hook(lambda *a: None)
+        assert not small_conv.uses_small_map_path(conv, x)  # the hook must see the call
+        handle.remove()
+        assert small_conv.uses_small_map_path(conv, x)
+
+
+def test_conv_for_training_matches_the_layer():
+    torch.manual_seed(0)
+    conv, x = _deep_conv(), _small_map()
+    ref_conv, ref_x = copy.deepcopy(conv), x.detach().clone().requires_grad_()
+    with recompute_scope(True):
+        y = conv_for_training(conv, x)
+    assert y.grad_fn is not None and "SmallMapConv" in type(y.grad_fn).__name__
+    y_ref = ref_conv(ref_x)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, ref_x.grad)  # the same kernel computes the input gradient
+    torch.testing.assert_close(conv.weight.grad, ref_conv.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_models_take_the_path_on_small_maps_and_train_the_same(monkeypatch):
+    calls = []
+    original = _SmallMapConv.apply
+    monkeypatch.setattr(_SmallMapConv, "apply", lambda *a: calls.append(a[0].shape) or original(*a))
+    torch.manual_seed(0)
+    model = smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2)
+    model.segmentation_head[0].register_forward_hook(lambda *a: None)  # hooks elsewhere are fine
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for on in (True, False):
+        if not on:
+            monkeypatch.setattr(small_conv, "_applies", lambda conv, t: False)
+        m = copy.deepcopy(model)
+        torch.manual_seed(1)  # dropout masks
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (y1, g1), (y0, g0) = results
+    # layer3 (its stride-2 conv reads 128 x 8x8, the rest 256 x 4x4) and the dilated layer4 (4x4)
+    expected = [(2, 128, 8, 8)] + [(2, 256, 4, 4)] * 4 + [(2, 512, 4, 4)] * 3
+    assert [tuple(s) for s in calls] == expected
+    assert torch.equal(y1, y0)
+    for name in g0:
+        scale = g0[name].abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(g1[name] / scale, g0[name] / scale, rtol=0, atol=1e-5, msg=name)
