@@ -96,20 +96,21 @@ def patch_matrix(
 
     Row ``(n, i, j)`` holds tap ``(r, s)`` of channel ``c`` at column ``(r * k_w + s) * C + c``: the
     order of a ``channels_last`` ``(O, C, k_h, k_w)`` weight, so ``grad^T @ patches`` is its layout.
-    Differentiable (slices and copies), so gradients of gradients flow through it.
+    Differentiable (a strided view and a copy), so gradients of gradients flow through it.
     """
     n, c = x.shape[0], x.shape[1]
     (k_h, k_w), (h_out, w_out) = kernel, out_size
     (s_h, s_w), (d_h, d_w) = stride, dilation
     padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
-    nhwc = padded.permute(0, 2, 3, 1)
-    cols = x.new_empty((n, h_out, w_out, k_h, k_w, c))
-    for r in range(k_h):
-        for s in range(k_w):
-            rows = slice(r * d_h, r * d_h + s_h * (h_out - 1) + 1, s_h)
-            columns = slice(s * d_w, s * d_w + s_w * (w_out - 1) + 1, s_w)
-            cols[:, :, :, r, s, :] = nhwc[:, rows, columns, :]
-    return cols.view(n * h_out * w_out, k_h * k_w * c)
+    nhwc = padded.permute(0, 2, 3, 1).contiguous()  # a no-op for channels_last
+    st_n, st_h, st_w, st_c = nhwc.stride()
+    # Every patch as a strided window of the padded map, then one copy into matrix form.
+    windows = nhwc.as_strided(
+        (n, h_out, w_out, k_h, k_w, c),
+        (st_n, s_h * st_h, s_w * st_w, d_h * st_h, d_w * st_w, st_c),
+        nhwc.storage_offset(),
+    )
+    return windows.reshape(n * h_out * w_out, k_h * k_w * c)
 
 
 class _SmallMapConv(torch.autograd.Function):
