@@ -106,10 +106,18 @@ def _plain_tensor(x: torch.Tensor) -> bool:
     return True
 
 
+# Chains start only at tensors of at least this many elements. Each chain costs a few Python calls
+# and hooks (tens of microseconds) whatever its size, and below this (256 KB of float32) the memory it
+# saves is negligible: at 2x3x64x64 input, chains on EfficientNet-b0 made a training step 10-14 %
+# slower. The benchmark's 4x3x256x256 keeps every chain (its smallest is 4x320x8x8).
+MIN_CHAIN_NUMEL = 1 << 16
+
+
 def chains_enabled(x: torch.Tensor) -> bool:
     """Whether a chain started at ``x`` would recompute (else its steps are the ordinary calls)."""
     return bool(
         scope_active()
+        and x.numel() >= MIN_CHAIN_NUMEL
         and x.requires_grad
         and _plain_tensor(x)
         and not _autocast_enabled(x.device.type)

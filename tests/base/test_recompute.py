@@ -24,6 +24,12 @@ def _no_small_map_weight_gradients(monkeypatch):
     monkeypatch.setattr(small_conv, "_applies", lambda conv, x: False)
 
 
+@pytest.fixture(autouse=True)
+def _chains_at_any_size(monkeypatch):
+    """The tensors here are tiny; chains below ``MIN_CHAIN_NUMEL`` are off by default."""
+    monkeypatch.setattr(recompute, "MIN_CHAIN_NUMEL", 0)
+
+
 def _layers(kind: str):
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(6).to(DT)
@@ -261,6 +267,15 @@ def test_models_train_identically_with_recomputation(arch, encoder, mode, recomp
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-7, msg=name)
     for name in s0:
         assert torch.equal(s0[name], s1[name]), name
+
+
+def test_chains_start_only_at_tensors_worth_recomputing(monkeypatch):
+    monkeypatch.setattr(recompute, "MIN_CHAIN_NUMEL", 1 << 16)
+    small = torch.randn(2, 32, 32, 31, requires_grad=True)  # 63488 elements
+    large = torch.randn(2, 32, 32, 32, requires_grad=True)
+    with recompute_scope(True):
+        assert not Chain(small).active
+        assert Chain(large).active
 
 
 def test_recomputation_is_off_for_inference_and_standalone_encoders(recompute_calls):
