@@ -8,13 +8,14 @@ TorchScript can compile (the package's reads a namedtuple attribute) and a plain
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import recompute
+from ..base import recompute, small_conv
 from ..base.initialization import DEFAULT_INIT_TYPES, default_init, deferred_init
 from ._base import EncoderMixin
 from ._registry import HALF, IMAGENET, hub
@@ -148,10 +149,12 @@ def _split_static_padding(conv: nn.Module):
     from efficientnet_pytorch.utils import Conv2dStaticSamePadding
 
     if type(conv) is not Conv2dStaticSamePadding:
-        return _NO_PADDING, conv  # a shared module: this runs in every training forward
+        # _NO_PADDING is a shared module: this runs in every training forward
+        return _NO_PADDING, functools.partial(small_conv.conv_for_training, conv)
 
-    def convolve(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    def convolve(t: torch.Tensor) -> torch.Tensor:  # small maps: the cheaper weight gradient
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        return small_conv.conv2d_for_training(t, conv.weight, conv.bias, *args)
 
     return conv.static_padding, convolve
 

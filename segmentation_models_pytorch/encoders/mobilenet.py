@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..base import recompute
+from ..base import recompute, small_conv
 from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
 from ._base import EncoderMixin
 from ._registry import hub
@@ -97,9 +98,10 @@ def _chained_inverted_residual(block: nn.Module, x: torch.Tensor) -> torch.Tenso
     *stages, project, norm = list(block.conv)  # [conv-norm-ReLU6...], project conv, its norm
     if not stages or not all(type(s) is Conv2dNormActivation and len(s) == 3 for s in stages):
         return block(x)
-    y = stages[0][0](x)
+    y = small_conv.conv_for_training(stages[0][0], x)
     for stage, consumer in zip(stages, [s[0] for s in stages[1:]] + [project]):
-        y = recompute.norm_act_into(y, stage[1], stage[2], consumer)
+        consume = functools.partial(small_conv.conv_for_training, consumer)  # small maps: cheaper
+        y = recompute.norm_act_into(y, stage[1], stage[2], consume)
     y = norm(y)
     return x + y if block.use_res_connect else y
 

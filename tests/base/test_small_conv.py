@@ -16,13 +16,15 @@ from segmentation_models_pytorch.base.small_conv import _SmallMapConv, conv_for_
 
 CL = torch.channels_last
 
-# (in, out, kernel, stride, padding, dilation, bias, input size)
+# (in, out, kernel, stride, padding, dilation, bias, input size, groups)
 CONFIGS = [
-    (5, 4, 3, 1, 1, 1, False, 4),
-    (5, 4, 3, 2, 1, 1, True, 5),  # stride 2 on an odd size
-    (3, 6, 3, 1, 2, 2, False, 4),  # dilated, padding == dilation
-    (4, 3, (3, 1), (1, 2), (1, 0), 1, True, 6),  # rectangular kernel, mixed strides
-    (2, 3, 5, 1, 0, 1, False, 7),  # no padding
+    (5, 4, 3, 1, 1, 1, False, 4, 1),
+    (5, 4, 3, 2, 1, 1, True, 5, 1),  # stride 2 on an odd size
+    (3, 6, 3, 1, 2, 2, False, 4, 1),  # dilated, padding == dilation
+    (4, 3, (3, 1), (1, 2), (1, 0), 1, True, 6, 1),  # rectangular kernel, mixed strides
+    (2, 3, 5, 1, 0, 1, False, 7, 1),  # no padding
+    (6, 6, 5, 1, 2, 1, False, 4, 6),  # depthwise (EfficientNet's 5x5)
+    (4, 4, 3, 2, 1, 1, True, 5, 4),  # depthwise, stride 2, bias
 ]
 
 
@@ -32,7 +34,7 @@ def _pair(v):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
 def test_patch_matrix_matches_unfold(cfg):
-    cin, _, k, s, p, d, _, size = cfg
+    cin, _, k, s, p, d, _, size, _ = cfg
     k, s, p, d = map(_pair, (k, s, p, d))
     x = torch.randn(2, cin, size, size + 1, dtype=torch.float64).to(memory_format=CL)
     ref = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*kh*kw, L), channel slowest
@@ -46,18 +48,18 @@ def test_patch_matrix_matches_unfold(cfg):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
 def test_gradients_and_second_order_gradients_are_exact(cfg):
-    cin, cout, k, s, p, d, bias, size = cfg
+    cin, cout, k, s, p, d, bias, size, groups = cfg
     k, s, p, d = map(_pair, (k, s, p, d))
     torch.manual_seed(0)
     x = torch.randn(2, cin, size, size, dtype=torch.float64).to(memory_format=CL).requires_grad_()
-    w = torch.randn(cout, cin, *k, dtype=torch.float64).to(memory_format=CL).requires_grad_()
+    w = torch.randn(cout, cin // groups, *k, dtype=torch.float64).to(memory_format=CL).requires_grad_()
     b = torch.randn(cout, dtype=torch.float64, requires_grad=True) if bias else None
     inputs = (x, w) + ((b,) if bias else ())
 
     def fn(*t):
-        return _SmallMapConv.apply(t[0], t[1], t[2] if bias else None, s, p, d)
+        return _SmallMapConv.apply(t[0], t[1], t[2] if bias else None, s, p, d, groups)
 
-    assert torch.equal(fn(*inputs), F.conv2d(x, w, b, s, p, d))
+    assert torch.equal(fn(*inputs), F.conv2d(x, w, b, s, p, d, groups))
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
@@ -65,7 +67,7 @@ def test_gradients_and_second_order_gradients_are_exact(cfg):
 def test_weight_gradient_only_when_asked():
     x = torch.randn(1, 4, 3, 3).to(memory_format=CL)  # no grad for the input
     w = torch.randn(2, 4, 3, 3).to(memory_format=CL).requires_grad_()
-    out = _SmallMapConv.apply(x, w, None, (1, 1), (1, 1), (1, 1))
+    out = _SmallMapConv.apply(x, w, None, (1, 1), (1, 1), (1, 1), 1)
     out.sum().backward()
     ref = torch.ops.aten.convolution_backward(
         torch.ones_like(out), x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
@@ -89,8 +91,11 @@ def test_which_calls_take_the_path():
         assert not small_conv.uses_small_map_path(conv, _small_map(size=16))  # 512 pixels: oneDNN
         assert not small_conv.uses_small_map_path(conv, x.contiguous())  # NCHW input
         assert not small_conv.uses_small_map_path(conv, x.double())  # weight is float32: conv raises
-        grouped = nn.Conv2d(512, 512, 3, padding=1, groups=512).to(memory_format=CL)
+        grouped = nn.Conv2d(512, 512, 3, padding=1, groups=256).to(memory_format=CL)
         assert not small_conv.uses_small_map_path(grouped, x)
+        depthwise = nn.Conv2d(512, 512, 3, padding=1, groups=512).to(memory_format=CL)
+        assert small_conv.uses_small_map_path(depthwise, x)  # 32 pixels
+        assert not small_conv.uses_small_map_path(depthwise, _small_map(size=8))  # 128 pixels
         assert not small_conv.uses_small_map_path(nn.Conv2d(512, 8, 1).to(memory_format=CL), x)
         reflect = nn.Conv2d(512, 8, 3, padding=1, padding_mode="reflect").to(memory_format=CL)
         assert not small_conv.uses_small_map_path(reflect, x)
@@ -122,28 +127,42 @@ def test_conv_for_training_matches_the_layer():
     torch.testing.assert_close(conv.weight.grad, ref_conv.weight.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_models_take_the_path_on_small_maps_and_train_the_same(monkeypatch):
+def _train_with_and_without(monkeypatch, model, x):
     calls = []
     original = _SmallMapConv.apply
-    monkeypatch.setattr(_SmallMapConv, "apply", lambda *a: calls.append(a[0].shape) or original(*a))
-    torch.manual_seed(0)
-    model = smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2)
-    model.segmentation_head[0].register_forward_hook(lambda *a: None)  # hooks elsewhere are fine
-    x = torch.randn(2, 3, 64, 64)
+    monkeypatch.setattr(_SmallMapConv, "apply", lambda *a: calls.append(a) or original(*a))
     results = []
     for on in (True, False):
         if not on:
-            monkeypatch.setattr(small_conv, "_applies", lambda conv, t: False)
+            monkeypatch.setattr(small_conv, "_applies", lambda *args: False)
         m = copy.deepcopy(model)
-        torch.manual_seed(1)  # dropout masks
+        torch.manual_seed(1)  # dropout masks, drop-connect
         y = m(x)
         (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        results.append((y.detach(), {n: p.grad for n, p in m.named_parameters()}))
+        results.append((y.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     (y1, g1), (y0, g0) = results
-    # layer3 (its stride-2 conv reads 128 x 8x8, the rest 256 x 4x4) and the dilated layer4 (4x4)
-    expected = [(2, 128, 8, 8)] + [(2, 256, 4, 4)] * 4 + [(2, 512, 4, 4)] * 3
-    assert [tuple(s) for s in calls] == expected
     assert torch.equal(y1, y0)
+    assert g1.keys() == g0.keys()
     for name in g0:
         scale = g0[name].abs().max().clamp_min(1e-12)
         torch.testing.assert_close(g1[name] / scale, g0[name] / scale, rtol=0, atol=1e-5, msg=name)
+    return calls
+
+
+def test_resnet_models_take_the_path_on_small_maps_and_train_the_same(monkeypatch):
+    torch.manual_seed(0)
+    model = smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=2)
+    model.segmentation_head[0].register_forward_hook(lambda *a: None)  # hooks elsewhere are fine
+    calls = _train_with_and_without(monkeypatch, model, torch.randn(2, 3, 64, 64))
+    # layer3 (its stride-2 conv reads 128 x 8x8, the rest 256 x 4x4) and the dilated layer4 (4x4)
+    expected = [(2, 128, 8, 8)] + [(2, 256, 4, 4)] * 4 + [(2, 512, 4, 4)] * 3
+    assert [tuple(a[0].shape) for a in calls] == expected
+
+
+@pytest.mark.parametrize("encoder", ["efficientnet-b0", "mobilenet_v2"])
+def test_depthwise_encoders_take_the_path_on_small_maps_and_train_the_same(monkeypatch, encoder):
+    torch.manual_seed(0)
+    model = smp.Unet(encoder, encoder_weights=None, classes=2, decoder_channels=(32, 16, 16, 8, 8))
+    calls = _train_with_and_without(monkeypatch, model, torch.randn(1, 3, 64, 64))
+    depthwise = [a for a in calls if a[-1] > 1]
+    assert depthwise and all(a[-1] == a[0].shape[1] == a[1].shape[0] for a in depthwise)
