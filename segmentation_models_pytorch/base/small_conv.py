@@ -9,10 +9,12 @@ copies per call. Per call, batch 4, two cores, median CPU time (oneDNN / here): 
 4.2 / 1.3 ms; from about ``2 x pixels > in_channels`` on oneDNN is faster (256 at 16x16 16 / 22
 ms), so only the smaller maps take this path.
 
-Here the input patches are laid out once as a ``(pixels, k*k*in)`` matrix (nine strided copies of a
-small map) and the gradient is ``grad_output^T @ patches``: one GEMM with a long inner dimension,
-already in the weight's ``channels_last`` order. The forward and the input gradient are torch's
-own kernels, so outputs are bit-identical and gradients equal to float rounding.
+Here the input patches are laid out once as a ``(pixels, k*k*in)`` matrix (one strided view of
+the padded map and one copy) and the gradient is ``grad_output^T @ patches``: one GEMM with a long
+inner dimension, already in the weight's ``channels_last`` order. Depthwise convolutions on at most
+:data:`DEPTHWISE_MAX_PIXELS` output pixels multiply the same patches by the gradient and sum over
+pixels. The forward and the input gradient are torch's own kernels, so outputs are bit-identical
+and gradients equal to float rounding.
 """
 
 from __future__ import annotations
