@@ -50,7 +50,9 @@ def test_conv3x3_in_chunks_equals_one_pass(monkeypatch):
     kernel = wg.transform_weight(torch.randn(6, 8, 3, 3))
     whole = wg.conv3x3(x, kernel, None)
     monkeypatch.setattr(wg, "CHUNK_BYTES", 1)  # one image per matrix product
-    torch.testing.assert_close(wg.conv3x3(x, kernel, None), whole, rtol=0, atol=0)
+    # Not bit-exact everywhere: some BLAS builds (seen on AMD EPYC) pick other kernels for the
+    # smaller products and round differently. A wrong chunk would be off by O(1).
+    torch.testing.assert_close(wg.conv3x3(x, kernel, None), whole, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
