@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _compat
-from ..base.model import SegmentationModel, feature_strides
+from ..base import modules as md
+from ..base.model import SegmentationModel, feature_strides, is_torch_compiling
+
+# The finest level's fold (see FPNDecoder._finest_level_folded) pays from this many pixels of the
+# level above it (batch x height x width), as Unet's fold does (unet.FOLD_MIN_PIXELS).
+FOLD_MIN_PIXELS = 256
 
 
 class Conv3x3GNReLU(nn.Module):
@@ -81,6 +86,11 @@ class MergeBlock(nn.Module):
 
 
 class FPNDecoder(nn.Module):
+    """Top-down pyramid (``p5`` .. ``p2``), one :class:`SegmentationBlock` per level, merged."""
+
+    # The folded finest level reads these convs' weights: optimize_for_inference keeps them plain.
+    weight_read_convs = ("p2.skip_conv", "seg_blocks.3.block.0.block.0")
+
     def __init__(
         self,
         encoder_channels: Sequence[int],
@@ -121,16 +131,98 @@ class FPNDecoder(nn.Module):
         p5 = self.p5(c5)
         p4 = self.p4(p5, c4)
         p3 = self.p3(p4, c3)
-        p2 = self.p2(p3, c2)
+        fold = False
+        if not torch.jit.is_scripting():  # TorchScript compiles the plain path only
+            fold = self._can_fold(p3, c2)
+        if fold:
+            finest = self._finest_level_folded(p3, c2)
+        else:
+            finest = self.seg_blocks[3](self.p2(p3, c2))
         if self.merge.policy == "cat":
-            levels = [block(p) for block, p in zip(self.seg_blocks, (p5, p4, p3, p2))]
-            return self.dropout(self.merge(levels))
+            levels = [block(p) for block, p in zip(self.seg_blocks[:3], (p5, p4, p3))]
+            return self.dropout(self.merge(levels + [finest]))
         # "add": sum each level as soon as it is made (same order as merging all four at the end),
         # so one full-size level is alive at a time instead of four.
         merged = self.seg_blocks[0](p5) + self.seg_blocks[1](p4)
         merged += self.seg_blocks[2](p3)
-        merged += self.seg_blocks[3](p2)
+        merged += finest
         return self.dropout(merged)
+
+    @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused methods
+    def _can_fold(self, p3, c2):
+        """Whether :meth:`_finest_level_folded` computes exactly the finest level here (eager,
+        default layout, nothing hooked that it would bypass) and ``p3`` is large enough to pay."""
+        skip, seg = self.p2.skip_conv, self.seg_blocks[3].block[0]
+        conv = seg.block[0]
+        modules = (self.p2, skip, self.seg_blocks[3], self.seg_blocks[3].block, seg, seg.block, conv)
+        return (
+            not (torch.jit.is_tracing() or is_torch_compiling())  # graphs keep the plain ops
+            and not md.plain_module_calls_active()
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+            and not _global_module_hooks()
+            and self.p2.interpolation_mode == "nearest"
+            and type(self.p2) is FPNBlock
+            and type(seg) is Conv3x3GNReLU
+            and not seg.upsample
+            and md.computes_plain_conv2d(skip)
+            and md.computes_plain_conv2d(conv)
+            and skip.kernel_size == (1, 1)
+            and skip.stride == (1, 1)
+            and skip.padding == (0, 0)
+            and skip.groups == 1
+            and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and conv.bias is None
+            and c2.shape[-2] == 2 * p3.shape[-2]
+            and c2.shape[-1] == 2 * p3.shape[-1]
+            and p3.shape[0] * p3.shape[2] * p3.shape[3] >= FOLD_MIN_PIXELS
+            and p3.is_contiguous(memory_format=torch.channels_last)
+            and c2.is_contiguous(memory_format=torch.channels_last)
+            and conv.weight.is_contiguous(memory_format=torch.channels_last)
+            and not conv.weight.is_contiguous()
+        )
+
+    @torch.jit.unused
+    def _finest_level_folded(self, p3, c2):
+        """``seg_blocks[3](p2(p3, c2))`` without the stride-4 pyramid level ``p2``.
+
+        The level's 3x3 conv ``W`` is linear, so ``W * (up(p3) + skip(c2))`` is the sum of
+        ``W * up(p3)``, computed at ``p3``'s resolution (:func:`~..base.modules.upsample2x_conv3x3`,
+        2.25x fewer FLOPs), and of one 3x3 conv of ``c2`` itself with ``W`` composed with the 1x1
+        ``skip`` (``c2`` has 24-64 channels for the usual encoders, the pyramid 256), plus the skip's
+        bias seen through ``W``'s zero padding. Same values to float rounding; at 4x3x256x256
+        this is 3-4x fewer FLOPs for the largest convolution of the decoder, and neither ``p2`` nor
+        the upsampled ``p3`` is made.
+        """
+        skip, seg = self.p2.skip_conv, self.seg_blocks[3].block[0]
+        weight = seg.block[0].weight
+        y = md.upsample2x_conv3x3(p3, weight)
+        # (out, mid, 3, 3) x (mid, in) -> (out, in, 3, 3), built in the channels_last order
+        composed = torch.einsum("ohwm,mi->ohwi", weight.permute(0, 2, 3, 1), skip.weight.flatten(1))
+        y = F.conv2d(c2, composed.permute(0, 3, 1, 2), padding=1).add_(y)
+        if skip.bias is not None:
+            y = y + _bias_through_padding(weight, skip.bias, y.shape[-2], y.shape[-1])
+        return seg.block[2](seg.block[1](y))
+
+
+def _global_module_hooks() -> bool:
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def _bias_through_padding(weight: torch.Tensor, bias: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``conv2d(b, weight, padding=1)`` for the constant ``height x width`` map ``b = bias``: the
+    taps that fall into the zero padding are missing at the border rows and columns."""
+    taps = torch.einsum("omhw,m->ohw", weight, bias)  # each tap's contribution
+    rows = torch.ones(height, 3, dtype=weight.dtype, device=weight.device)
+    cols = torch.ones(width, 3, dtype=weight.dtype, device=weight.device)
+    rows[0, 0] = rows[-1, 2] = 0.0  # row r reads r - 1 .. r + 1
+    cols[0, 0] = cols[-1, 2] = 0.0
+    return torch.einsum("yh,xw,ohw->oyx", rows, cols, taps).unsqueeze(0)
 
 
 class FPN(SegmentationModel):
