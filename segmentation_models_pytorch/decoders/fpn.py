@@ -205,7 +205,8 @@ class FPNDecoder(nn.Module):
         composed = torch.einsum("ohwm,mi->ohwi", weight.permute(0, 2, 3, 1), skip.weight.flatten(1))
         y = F.conv2d(c2, composed.permute(0, 3, 1, 2), padding=1).add_(y)
         if skip.bias is not None:
-            y = y + _bias_through_padding(weight, skip.bias, y.shape[-2], y.shape[-1])
+            y.add_(_bias_through_padding(weight, skip.bias, y.shape[-2], y.shape[-1]))  # in place:
+            # a fresh full-size output costs as much again as the pass that fills it
         return seg.block[2](seg.block[1](y))
 
 
