@@ -139,8 +139,8 @@ class FPNDecoder(nn.Module):
         else:
             finest = self.seg_blocks[3](self.p2(p3, c2))
         if self.merge.policy == "cat":
-            levels = [block(p) for block, p in zip(self.seg_blocks[:3], (p5, p4, p3))]
-            return self.dropout(self.merge(levels + [finest]))
+            levels = [self.seg_blocks[0](p5), self.seg_blocks[1](p4), self.seg_blocks[2](p3), finest]
+            return self.dropout(self.merge(levels))
         # "add": sum each level as soon as it is made (same order as merging all four at the end),
         # so one full-size level is alive at a time instead of four.
         merged = self.seg_blocks[0](p5) + self.seg_blocks[1](p4)
