@@ -135,7 +135,69 @@ def norm_has_activation(norm: nn.Module) -> bool:
     return type(norm).__name__ in ("InPlaceABN", "InPlaceABNSync", "ABN")
 
 
-class Conv2dReLU(nn.Sequential):
+def batch_norm_into(bn: nn.Module, x: torch.Tensor, allowed: bool) -> torch.Tensor:
+    """``bn(x)``, written into ``x`` when ``allowed`` (the caller's promise that nothing else
+    holds ``x``, e.g. a convolution's fresh output) and ``bn`` is an eval-mode ``BatchNorm2d``
+    under no autograd on CPU, without hooks that would expect the call.
+
+    The affine map runs as one in-place multiply-add: PyTorch's channels_last BatchNorm kernel is
+    2-4x slower on CPU (4x96x128x128 with warm buffers: 1.73 vs 0.39 ms), and a fresh full-size
+    output costs about as much again. Values agree with the layer within an ulp.
+    """
+    if (
+        allowed
+        and type(bn) is nn.BatchNorm2d
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and bn.weight is not None
+        and bn.bias is not None
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == bn.weight.dtype
+        and x.dim() == 4
+        and not (bn._forward_hooks or bn._forward_pre_hooks or _global_module_hooks())
+        and not (torch.jit.is_tracing() or _compiling())  # graphs record the layer
+    ):
+        scale = torch.reciprocal(torch.sqrt(bn.running_var + bn.eps)) * bn.weight
+        shift = bn.bias - bn.running_mean * scale
+        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x)
+    return bn(x)
+
+
+def _compiling() -> bool:
+    from .model import is_torch_compiling
+
+    return is_torch_compiling()
+
+
+def _global_module_hooks() -> bool:
+    module = torch.nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+class ConvNormAct(nn.Sequential):
+    """``Sequential(conv, norm, act)`` whose eval forward without autograd writes an eval-mode
+    BatchNorm into the convolution's fresh output (:func:`batch_norm_into`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if not torch.is_grad_enabled() and len(self) == 3:
+                return self._no_grad_forward(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _no_grad_forward(self, x):
+        conv, norm, act = self[0], self[1], self[2]
+        y = conv(x)
+        # only a plain (transposed) convolution is known to return a tensor of its own
+        fresh = type(conv) in (nn.Conv2d, nn.ConvTranspose2d) and y is not x
+        return act(batch_norm_into(norm, y, fresh))
+
+
+class Conv2dReLU(ConvNormAct):
     """Conv -> norm -> ReLU; the conv has a bias only when there is no norm to absorb it."""
 
     def __init__(

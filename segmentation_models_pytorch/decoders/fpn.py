@@ -159,7 +159,7 @@ class FPNDecoder(nn.Module):
             not (torch.jit.is_tracing() or is_torch_compiling())  # graphs keep the plain ops
             and not md.plain_module_calls_active()
             and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-            and not _global_module_hooks()
+            and not md._global_module_hooks()
             and self.p2.interpolation_mode == "nearest"
             and type(self.p2) is FPNBlock
             and type(seg) is Conv3x3GNReLU
@@ -208,11 +208,6 @@ class FPNDecoder(nn.Module):
             y.add_(_bias_through_padding(weight, skip.bias, y.shape[-2], y.shape[-1]))  # in place:
             # a fresh full-size output costs as much again as the pass that fills it
         return seg.block[2](seg.block[1](y))
-
-
-def _global_module_hooks() -> bool:
-    module = torch.nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _bias_through_padding(weight: torch.Tensor, bias: torch.Tensor, height: int, width: int) -> torch.Tensor:

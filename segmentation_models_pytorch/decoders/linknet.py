@@ -16,7 +16,7 @@ from ..base import recompute
 from ..base.model import SegmentationModel, decoder_norm
 
 
-class TransposeX2(nn.Sequential):
+class TransposeX2(md.ConvNormAct):
     """Stride-2 transposed convolution, norm, ReLU: doubles the resolution."""
 
     def __init__(self, in_channels: int, out_channels: int, use_norm: md.NormSpec = "batchnorm") -> None:

@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence, Union
 import torch
 from torch import nn
 
+from ..base import modules as md
 from ..base import recompute
 from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
 from ..base.small_conv import conv_for_training
@@ -88,7 +89,9 @@ class ResNetEncoder(nn.Module, EncoderMixin):
                 return self._chained_forward(x)
         features = [x]
         if self._depth >= 1:
-            x = self.relu(self.bn1(self.conv1(x)))
+            x = self.conv1(x)
+            x = self.bn1(x) if torch.jit.is_scripting() else self._stem_norm(x)
+            x = self.relu(x)
             features.append(x)
         if self._depth >= 2:
             x = self.layer1(self.maxpool(x))
@@ -103,6 +106,11 @@ class ResNetEncoder(nn.Module, EncoderMixin):
             x = self.layer4(x)
             features.append(x)
         return features
+
+    @torch.jit.unused  # TorchScript runs the layer
+    def _stem_norm(self, x):
+        """The stem's norm, in place on the conv output without autograd (:func:`batch_norm_into`)."""
+        return md.batch_norm_into(self.bn1, x, md.computes_plain_conv2d(self.conv1))
 
     @torch.jit.unused
     def _chained_forward(self, x):

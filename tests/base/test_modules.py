@@ -105,3 +105,58 @@ def test_segmentation_head_resizes_in_nchw_with_the_same_values(upsampling):
     # resizing heads hand back NCHW directly; others keep the layout (the model makes it contiguous)
     assert y.is_contiguous() == (upsampling > 1)
     assert torch.jit.script(head)(x).shape == y.shape
+
+
+def _eval_bn(channels=6):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(channels).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.2, 2.0)
+    torch.nn.init.normal_(bn.weight)
+    torch.nn.init.normal_(bn.bias)
+    return bn
+
+
+def test_batch_norm_into_writes_the_layer_output_into_its_input():
+    bn = _eval_bn()
+    x = torch.randn(2, 6, 5, 7).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = bn(x)
+        y = md.batch_norm_into(bn, x, True)
+    assert y is x and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_into_calls_the_layer_where_in_place_could_be_wrong_or_unseen():
+    bn, x = _eval_bn(), torch.randn(2, 6, 4, 4)
+    with torch.no_grad():
+        assert md.batch_norm_into(bn, x, False) is not x  # the caller did not promise x is free
+        bn.train()
+        assert md.batch_norm_into(bn, x, True) is not x  # batch statistics
+        bn.eval()
+        handle = bn.register_forward_hook(lambda *a: None)
+        assert md.batch_norm_into(bn, x, True) is not x  # the hook must see the call
+        handle.remove()
+        traced = torch.jit.trace(md.Conv2dReLU(6, 6, kernel_size=1).eval(), x)
+        graph = str(traced.inlined_graph)
+        assert "batch_norm" in graph and "addcmul" not in graph  # graphs record the layer
+    assert md.batch_norm_into(bn, x, True) is not x  # autograd: out of place
+
+
+def test_conv_norm_act_no_grad_forward_matches_and_leaves_the_input_alone():
+    block = md.Conv2dReLU(3, 6, kernel_size=3, padding=1).eval()
+    block[1].load_state_dict(_eval_bn().state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    x0 = x.clone()
+    ref = block(x)  # autograd on: the plain Sequential path
+    with torch.no_grad():
+        got = block(x)
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+    identity_conv = md.Conv2dReLU(6, 6, kernel_size=1).eval()
+    identity_conv[0] = torch.nn.Identity()  # returns its input: the norm must not write into it
+    y = torch.randn(2, 6, 4, 4)
+    y0 = y.clone()
+    with torch.no_grad():
+        identity_conv(y)
+    assert torch.equal(y, y0)

@@ -157,17 +157,17 @@ def test_efficientnet_in_place_inference_path_gives_the_autograd_paths_features(
     enc = get_encoder("efficientnet-b0", weights=None).eval()
     gu.fill_state_dict(enc)
     x = gu.make_input([2, 3, 64, 64])
-    from segmentation_models_pytorch.encoders import efficientnet
+    from segmentation_models_pytorch.base import modules as md
 
     in_place = []
-    norm = efficientnet._norm_in_place
+    norm = md.batch_norm_into
 
     def spy(bn, t, allowed):
         out = norm(bn, t, allowed)
         in_place.append(out is t)
         return out
 
-    monkeypatch.setattr(efficientnet, "_norm_in_place", spy)
+    monkeypatch.setattr(md, "batch_norm_into", spy)
     with torch.no_grad():
         fast = enc(x)
     assert in_place and all(in_place)  # every eval-mode norm wrote into its input
