@@ -283,6 +283,20 @@ def computes_plain_conv2d(conv: nn.Module) -> bool:
     return type(conv) is nn.Conv2d or getattr(type(conv), "computes_plain_conv2d", False)
 
 
+def is_plain_conv3x3(conv: nn.Module) -> bool:
+    """A plain 3x3 convolution, stride 1, zero padding 1, no dilation or groups: what the
+    upsampling folds (:func:`upsample2x_conv3x3`) can read by weight."""
+    return (
+        computes_plain_conv2d(conv)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
 @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused functions
 def _has_dead_taps(conv, x):
     from .model import is_torch_compiling

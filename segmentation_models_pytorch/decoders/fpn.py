@@ -165,17 +165,11 @@ class FPNDecoder(nn.Module):
             and type(seg) is Conv3x3GNReLU
             and not seg.upsample
             and md.computes_plain_conv2d(skip)
-            and md.computes_plain_conv2d(conv)
             and skip.kernel_size == (1, 1)
             and skip.stride == (1, 1)
             and skip.padding == (0, 0)
             and skip.groups == 1
-            and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1)
-            and conv.padding == (1, 1)
-            and conv.dilation == (1, 1)
-            and conv.groups == 1
-            and conv.padding_mode == "zeros"
+            and md.is_plain_conv3x3(conv)
             and conv.bias is None
             and c2.shape[-2] == 2 * p3.shape[-2]
             and c2.shape[-1] == 2 * p3.shape[-1]

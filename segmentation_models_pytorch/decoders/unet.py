@@ -88,13 +88,7 @@ class UnetDecoderBlock(recompute.ChainedConvPair, nn.Module):
             and not md.plain_module_calls_active()
             and self.interpolation_mode == "nearest"
             and isinstance(self.attention1.attention, nn.Identity)
-            and md.computes_plain_conv2d(conv)
-            and conv.kernel_size == (3, 3)
-            and conv.stride == (1, 1)
-            and conv.padding == (1, 1)
-            and conv.dilation == (1, 1)
-            and conv.groups == 1
-            and conv.padding_mode == "zeros"
+            and md.is_plain_conv3x3(conv)
             and target_height == 2 * x.shape[2]
             and target_width == 2 * x.shape[3]
             and x.shape[0] * x.shape[2] * x.shape[3] >= FOLD_MIN_PIXELS
