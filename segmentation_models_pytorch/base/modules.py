@@ -156,7 +156,7 @@ def batch_norm_into(bn: nn.Module, x: torch.Tensor, allowed: bool) -> torch.Tens
         and x.device.type == "cpu"
         and x.dtype == bn.weight.dtype
         and x.dim() == 4
-        and not (bn._forward_hooks or bn._forward_pre_hooks or _global_module_hooks())
+        and not (bn._forward_hooks or bn._forward_pre_hooks or global_module_hooks())
         and not (torch.jit.is_tracing() or _compiling())  # graphs record the layer
     ):
         scale = torch.reciprocal(torch.sqrt(bn.running_var + bn.eps)) * bn.weight
@@ -171,9 +171,13 @@ def _compiling() -> bool:
     return is_torch_compiling()
 
 
-def _global_module_hooks() -> bool:
+def global_module_hooks() -> bool:
+    """Whether global module forward (pre-)hooks are registered: a shortcut that bypasses a
+    layer's call must then call the layer."""
     module = torch.nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(
+        getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None)
+    )
 
 
 class ConvNormAct(nn.Sequential):
@@ -299,8 +303,6 @@ def is_plain_conv3x3(conv: nn.Module) -> bool:
 
 @torch.jit.unused  # no annotations: TorchScript cannot resolve them on unused functions
 def _has_dead_taps(conv, x):
-    from .model import is_torch_compiling
-
     return (
         computes_plain_conv2d(conv)
         and conv.kernel_size == (3, 3)
@@ -309,7 +311,7 @@ def _has_dead_taps(conv, x):
         and conv.padding_mode == "zeros"
         and x.dim() == 4
         and (conv.dilation[0] >= x.shape[-2] or conv.dilation[1] >= x.shape[-1])
-        and not (torch.jit.is_tracing() or is_torch_compiling() or plain_module_calls_active())
+        and not (torch.jit.is_tracing() or _compiling() or plain_module_calls_active())
     )
 
 

@@ -66,30 +66,31 @@ def conv2d_for_training(
     """``F.conv2d`` with the same arguments (``stride``/``padding``/``dilation`` as pairs of ints);
     on small maps in a CPU training forward, with the cheaper weight gradient. Declines GPUs,
     autocast, graph capture, non-``channels_last`` inputs, 1x1 kernels and larger maps."""
-    if not _applies(x, weight, stride, padding, dilation, groups):
+    plan = _applies(x, weight, stride, padding, dilation, groups)
+    if not plan:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    plan = _plan(x, weight, stride, padding, dilation, groups)
     return _SmallMapConv.apply(x, weight, bias, stride, padding, dilation, groups, plan)
 
 
 def uses_small_map_path(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`conv_for_training` would take the cheaper weight gradient for ``x``."""
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _layer_applies(conv) and _applies(x, conv.weight, *args)
+    return _layer_applies(conv) and bool(_applies(x, conv.weight, *args))
 
 
 def _layer_applies(conv: nn.Module) -> bool:
-    from .modules import computes_plain_conv2d
+    from .modules import computes_plain_conv2d, global_module_hooks
 
     return (
         computes_plain_conv2d(conv)
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
-        and not (conv._forward_hooks or conv._forward_pre_hooks or _global_hooks())  # must see the call
+        and not (conv._forward_hooks or conv._forward_pre_hooks or global_module_hooks())  # must see the call
     )
 
 
-def _applies(x, weight, stride, padding, dilation, groups) -> bool:
+def _applies(x, weight, stride, padding, dilation, groups) -> Optional[Tuple[bool, bool]]:
+    """The backward :func:`_plan` for this call, or ``None`` (falsy) where the path doesn't apply."""
     if not (
         x.dim() == 4
         and weight.dim() == 4
@@ -99,16 +100,16 @@ def _applies(x, weight, stride, padding, dilation, groups) -> bool:
         and weight.requires_grad
         and recompute.scope_active()  # grad enabled, not tracing/compiling, inside a model forward
     ):
-        return False
+        return None
     out_ch, in_per_group, k_h, k_w = weight.shape
     depthwise = groups > 1 and in_per_group == 1 and out_ch == groups == x.shape[1]
     if (groups != 1 and not depthwise) or k_h * k_w == 1:  # 1x1: already one GEMM in oneDNN
-        return False
+        return None
     if not (recompute._plain_tensor(x) and type(weight) in (nn.Parameter, torch.Tensor)):
-        return False
+        return None
     if recompute._autocast_enabled("cpu") or not x.is_contiguous(memory_format=torch.channels_last):
-        return False
-    return _plan(x, weight, stride, padding, dilation, groups) is not None
+        return None
+    return _plan(x, weight, stride, padding, dilation, groups)
 
 
 def _plan(x, weight, stride, padding, dilation, groups) -> Optional[Tuple[bool, bool]]:
@@ -127,13 +128,6 @@ def _plan(x, weight, stride, padding, dilation, groups) -> Optional[Tuple[bool, 
         p <= d * (k - 1) for k, p, d in zip((k_h, k_w), padding, dilation)
     )
     return (by_patches, flipped) if by_patches or flipped else None
-
-
-def _global_hooks() -> bool:
-    module = torch.nn.modules.module
-    return bool(
-        getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None)
-    )
 
 
 def patch_matrix(

@@ -159,7 +159,7 @@ class FPNDecoder(nn.Module):
             not (torch.jit.is_tracing() or is_torch_compiling())  # graphs keep the plain ops
             and not md.plain_module_calls_active()
             and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-            and not md._global_module_hooks()
+            and not md.global_module_hooks()
             and self.p2.interpolation_mode == "nearest"
             and type(self.p2) is FPNBlock
             and type(seg) is Conv3x3GNReLU
