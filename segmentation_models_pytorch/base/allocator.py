@@ -6,8 +6,8 @@ threshold*; both adapt at run time (the mmap threshold rises to the largest bloc
 32 MiB, and the trim threshold follows at twice that). A training step frees hundreds of MB in
 backward and asks for them again in the next forward, so the heap is trimmed and regrown every step,
 and each regrown page costs a page fault (the kernel zeroes it) on first touch: on a 2-core AMD EPYC
-VM, DeepLabV3+-mobilenet_v2 (4x3x256x256) faulted in 320-350 MB per training step, and the step took
-500-540 ms; with the thresholds below it faulted in none and took 390-400 ms, at the same peak RSS.
+VM, DeepLabV3+-mobilenet_v2 (4x3x256x256) faulted in 250-350 MB per training step, and the step took
+475-540 ms; with the thresholds below it faulted in none and took 390-405 ms (docs/performance.md).
 
 Models call :func:`tune_cpu_allocator` once when they are built. It fixes the mmap threshold at the
 value glibc's own adaptation tends to (32 MiB) and raises the trim threshold to 256 MiB, through
@@ -60,7 +60,7 @@ def _glibc_mallopt():
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl has mallopt too, as a no-op
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl's mallopt sets nothing
             return None
     except (OSError, AttributeError):
         return None

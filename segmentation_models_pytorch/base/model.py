@@ -119,7 +119,7 @@ class SegmentationModel(nn.Module, SMPHubMixin):
         # norm/activation tensors between them (base/recompute.py): less memory, same gradients.
         self.recompute_activations = True
         # Keep glibc from handing freed activation memory back to the kernel every step (page
-        # faults cost a DeepLabV3+-mobilenet_v2 training step on CPU a quarter of its time);
+        # faults cost a DeepLabV3+-mobilenet_v2 training step on CPU a fifth of its time);
         # a process-wide setting, skipped where the user set their own (base/allocator.py).
         allocator.tune_cpu_allocator()
 

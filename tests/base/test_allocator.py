@@ -52,7 +52,7 @@ print(json.dumps({"applied": allocator._applied, "fault_share": (faults() - befo
 
 
 def _probe(**env: str) -> dict:
-    skip = (allocator.ENV_SWITCH, "MALLOC_")
+    skip = (allocator.ENV_SWITCH, "MALLOC_", "GLIBC_TUNABLES")  # the user's settings would win
     environ = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
     environ.update(env)
     command = [sys.executable, "-c", _PROBE]
