@@ -12,8 +12,9 @@ VM, DeepLabV3+-mobilenet_v2 (4x3x256x256) faulted in 250-350 MB per training ste
 Models call :func:`tune_cpu_allocator` once when they are built. It fixes the mmap threshold at the
 value glibc's own adaptation tends to (32 MiB) and raises the trim threshold to 256 MiB, through
 ``mallopt``. This is a setting of the whole process, so it steps aside where the process already
-chose: ``SMP_TUNE_MALLOC=0`` in the environment, any of glibc's ``MALLOC_*_`` variables or a
-``glibc.malloc`` tunable, or a C library that is not glibc (musl, macOS, Windows). A process whose
+chose: ``SMP_TUNE_MALLOC=0`` in the environment, glibc's threshold variables
+(``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_``) or
+a ``glibc.malloc`` tunable, or a C library that is not glibc (musl, macOS, Windows). A process whose
 malloc is replaced (jemalloc or tcmalloc through ``LD_PRELOAD``) is unaffected: only glibc's own
 malloc reads these settings. glibc cannot go back to adaptive thresholds once they are set.
 """
