@@ -16,13 +16,16 @@ light, and loading a local folder never touches ``huggingface_hub`` at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Type, TypeVar, Union
 
 import torch
+
+from . import initialization as init
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
@@ -161,7 +164,8 @@ def _load_weights_file(path: str, device: Union[str, torch.device]) -> Dict[str,
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool, source: str) -> None:
+def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool, source: str) -> Set[str]:
+    """Load ``state`` into ``model``; returns the ``state_dict`` keys whose values were replaced."""
     own = model.state_dict()
     if strict:
         try:
@@ -172,7 +176,7 @@ def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool, s
                 "If you changed constructor arguments on purpose (e.g. classes= to fine-tune on other "
                 "labels), pass strict=False to load the matching weights and skip the rest."
             ) from None
-        return
+        return set(own)
     mismatched = {k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
     # SegmentationModel.load_state_dict(strict=False) skips and reports the shape mismatches itself.
     result = model.load_state_dict(state, strict=False)
@@ -185,6 +189,7 @@ def _load_into(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool, s
             f"Loaded {source} with strict=False; these keys did not load:\n" + "\n".join(lines),
             stacklevel=3,
         )
+    return {k for k in state if k in own and k not in mismatched}
 
 
 # ---------------------------------------------------------------------------------------- card
@@ -468,7 +473,6 @@ class SMPHubMixin:
         if "encoder_weights" in _init_parameters(cls):
             kwargs["encoder_weights"] = None  # the checkpoint replaces them: never download
         kwargs.update(model_kwargs)
-        model = cls(**kwargs)
 
         weights_path = _resolve_file(model_id, SAFETENSORS_NAME, hub_kwargs, required=False)
         if weights_path is None:
@@ -478,7 +482,15 @@ class SMPHubMixin:
                 f"No weights ({SAFETENSORS_NAME} or {PYTORCH_WEIGHTS_NAME}) found in {model_id!r}."
             )
         state = _load_weights_file(weights_path, map_location)
-        _load_into(model, state, strict=strict, source=repr(model_id))  # type: ignore[arg-type]
+        # The checkpoint overwrites (nearly) every tensor: build without drawing random values and
+        # initialise afterwards only what it did not load (a new head with strict=False...). Our own
+        # classes only: a subclass written by a user is built as it always was.
+        own = cls.__module__.startswith("segmentation_models_pytorch.")
+        with init.skip_fills() if own else contextlib.nullcontext() as skipped:
+            model = cls(**kwargs)
+        loaded = _load_into(model, state, strict=strict, source=repr(model_id))  # type: ignore[arg-type]
+        if skipped is not None:
+            skipped.run_uncovered(model, loaded)  # type: ignore[arg-type]
         model.to(map_location)  # type: ignore[attr-defined]
         model.eval()  # type: ignore[attr-defined]
         return model

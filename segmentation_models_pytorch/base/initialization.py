@@ -4,7 +4,9 @@ Random fills of ~20M weights are most of a model's build time. :class:`InitPlan`
 a whole module tree and runs them on a fixed number of independent RNG streams, several at once
 (the same distributions; seeds come from torch's global RNG, so ``torch.manual_seed`` still makes a
 build reproducible, on any number of cores). :func:`deferred_init` constructs a module without the
-default initialisation its layers would run, for callers that initialise it afterwards.
+default initialisation its layers would run, for callers that initialise it afterwards, and
+:func:`skip_fills` one whose every tensor a strict weight load overwrites next (a pretrained encoder,
+``from_pretrained``), without drawing fills that would be thrown away.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import functools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +44,11 @@ class InitPlan:
     def run(self) -> None:
         jobs, self._jobs = self._jobs, []
         if not jobs:
+            return
+        skipped = getattr(_DEFERRED, "skipped", None)
+        if skipped is not None:  # inside skip_fills(): a weight load overwrites these
+            for job in jobs:
+                skipped.add(job[0], functools.partial(_fill, job, None))
             return
         on_cpu = [j for j in jobs if j[0].device.type == "cpu"]
         for job in jobs:  # other devices: their own default generator, in order
@@ -92,6 +99,7 @@ def _run_now(plan: Optional[InitPlan], fn: Callable[[InitPlan], None]) -> None:
         plan.run()
 
 
+# Per thread: ``log`` (deferred_init's recorded calls) and ``skipped`` (skip_fills' SkippedFills).
 _DEFERRED = threading.local()
 _INIT_FUNCTIONS = (
     "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
@@ -107,10 +115,15 @@ def _make_deferrable(name: str) -> None:
     @functools.wraps(original)
     def init_function(tensor, *args, **kwargs):
         log = getattr(_DEFERRED, "log", None)
-        if log is None:  # every other thread, and this one outside deferred_init(): unchanged
-            return original(tensor, *args, **kwargs)
-        log.append((tensor, original, args, kwargs))
-        return tensor
+        if log is not None:
+            log.append((tensor, original, args, kwargs))
+            return tensor
+        skipped = getattr(_DEFERRED, "skipped", None)
+        if skipped is not None:
+            skipped.add(tensor, functools.partial(original, tensor, *args, **kwargs))
+            return tensor
+        # every other thread, and this one outside deferred_init() / skip_fills(): unchanged
+        return original(tensor, *args, **kwargs)
 
     init_function._smp_deferrable = True  # type: ignore[attr-defined]
     setattr(nn.init, name, init_function)
@@ -127,8 +140,7 @@ def deferred_init(module_fn: Callable[[], nn.Module], initialised: Tuple[type, .
     after all, so no tensor is ever left uninitialised. Construction then costs only Python, not
     random fills of every weight twice (default init, then the real one).
     """
-    for name in _INIT_FUNCTIONS:
-        _make_deferrable(name)
+    _install_wrappers()
     previous = getattr(_DEFERRED, "log", None)
     log: list = []
     _DEFERRED.log = log
@@ -144,9 +156,80 @@ def deferred_init(module_fn: Callable[[], nn.Module], initialised: Tuple[type, .
         for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
     }
     alive = {id(t) for t in [*module.parameters(), *module.buffers()]}
+    skipped = getattr(_DEFERRED, "skipped", None)
     for tensor, original, args, kwargs in log:
         if id(tensor) in alive and id(tensor) not in covered:
-            original(tensor, *args, **kwargs)
+            if skipped is not None:
+                skipped.add(tensor, functools.partial(original, tensor, *args, **kwargs))
+            else:
+                original(tensor, *args, **kwargs)
+
+
+def _install_wrappers() -> None:
+    for name in _INIT_FUNCTIONS:
+        _make_deferrable(name)
+
+
+class SkippedFills:
+    """The initialisations :func:`skip_fills` left out, each with the tensor it would have set."""
+
+    def __init__(self) -> None:
+        self._calls: List[Tuple[torch.Tensor, Callable[[], object]]] = []
+
+    def add(self, tensor: torch.Tensor, call: Callable[[], object]) -> None:
+        self._calls.append((tensor, call))
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def run_uncovered(self, module: nn.Module, loaded_keys: Optional[Iterable[str]] = None) -> None:
+        """Run the left-out calls for the tensors of ``module`` that no load has overwritten.
+
+        Call it after loading a state dict into ``module``. ``loaded_keys`` names the ``state_dict``
+        entries that were loaded (default: all of them, as a strict load does); every other tensor
+        (entries a partial load skipped, non-persistent buffers a constructor set) gets the value
+        its initialisation would have given. Tensors no longer in the module are dropped.
+        """
+        calls, self._calls = self._calls, []
+        state = module.state_dict(keep_vars=True)
+        keys = state.keys() if loaded_keys is None else set(loaded_keys) & state.keys()
+        loaded = {id(state[k]) for k in keys}
+        alive = {id(t) for t in [*module.parameters(), *module.buffers()]}
+        with torch.no_grad():
+            for tensor, call in calls:
+                if id(tensor) in alive and id(tensor) not in loaded:
+                    call()
+
+
+@contextlib.contextmanager
+def skip_fills() -> Iterator[SkippedFills]:
+    """Build modules without drawing their initial values, for a strict weight load that follows.
+
+    Inside the context, in this thread only, ``torch.nn.init`` calls and :class:`InitPlan` fills are
+    collected instead of run, so parameters hold whatever memory they were given. The caller must
+    load a state dict strictly into what it built (which overwrites every parameter and persistent
+    buffer) and then call :meth:`SkippedFills.run_uncovered`, or discard the module. Pretrained
+    resnet34 weights, for instance, would otherwise cost 21 M random draws that the load discards.
+    """
+    _install_wrappers()
+    previous = getattr(_DEFERRED, "skipped", None)
+    skipped = SkippedFills()
+    _DEFERRED.skipped = skipped
+    try:
+        yield skipped
+    finally:
+        _DEFERRED.skipped = previous
+
+
+@contextlib.contextmanager
+def drawn_fills() -> Iterator[None]:
+    """Initialise as usual inside, even within :func:`skip_fills` (for code we cannot vouch for)."""
+    previous = getattr(_DEFERRED, "skipped", None)
+    _DEFERRED.skipped = None
+    try:
+        yield
+    finally:
+        _DEFERRED.skipped = previous
 
 
 def reset_norm(m: nn.Module, running_stats: bool = True) -> None:

@@ -7,6 +7,7 @@ when an encoder of that family is built.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -19,6 +20,7 @@ import torch
 
 from .._compat import _DEPRECATED_TIMM_PREFIXES, resolve_encoder_alias, warn_timm_prefix
 from .._errors import unknown_name
+from ..base import initialization as init
 from . import _weights
 from ._base import EncoderMixin
 from ._preprocessing import preprocess_input
@@ -156,11 +158,19 @@ def get_encoder(
     params["depth"] = depth
     if "output_stride" in inspect.signature(cls).parameters or _accepts_var_kwargs(cls):
         params["output_stride"] = output_stride
-    encoder = cls(**params)
-
+    # Weights first: an unavailable file fails before the build, and a build whose every tensor the
+    # strict load overwrites can skip drawing random values. Only for our own families, whose
+    # constructors derive nothing else from those values: an encoder registered by hand is built
+    # with its usual initialisation, even inside an outer skip_fills() (from_pretrained).
     state_dict, source = _resolve_weights(name, entry, weights)
+    own = getattr(cls, "__module__", "").startswith(__name__ + ".")
+    with init.skip_fills() if own and state_dict is not None else contextlib.nullcontext() as skipped:
+        with contextlib.nullcontext() if own else init.drawn_fills():
+            encoder = cls(**params)
     if state_dict is not None:
         _weights.load_into(encoder, state_dict, source)
+    if skipped is not None:
+        skipped.run_uncovered(encoder)
     encoder.set_in_channels(in_channels, pretrained=state_dict is not None)
     if output_stride != 32:
         encoder.make_dilated(output_stride)

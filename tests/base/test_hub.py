@@ -337,3 +337,37 @@ def test_user_subclass_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["_model_class"] == "MyUnet"
     assert isinstance(MyUnet.from_pretrained(tmp_path), MyUnet)
+
+
+def test_loading_draws_no_random_values_and_initialises_what_it_does_not_load(tmp_path):
+    """from_pretrained skips the random init the checkpoint overwrites, and only that."""
+    source = _tiny_unet(classes=2)
+    gu.fill_state_dict(source)
+    source.save_pretrained(tmp_path)
+    rng = torch.get_rng_state()
+    smp.from_pretrained(tmp_path)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    with pytest.warns(UserWarning, match="segmentation_head"):
+        model = smp.from_pretrained(tmp_path, classes=5, strict=False)
+    conv = model.segmentation_head[0]
+    bound = (6 / (conv.weight[0].numel() + conv.weight[:, 0].numel())) ** 0.5  # xavier_uniform_
+    assert conv.weight.abs().max() <= bound and conv.weight.std() > bound / 4
+    assert torch.equal(conv.bias, torch.zeros(5))
+    for key, value in source.state_dict().items():
+        if not key.startswith("segmentation_head"):
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+    # Keys missing from the file are "left as initialised": initialised, not uninitialised memory.
+    state = {k: v.contiguous() for k, v in source.state_dict().items() if "decoder.blocks.0." not in k}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.warns(UserWarning, match="decoder.blocks.0"):
+        model = smp.from_pretrained(tmp_path, strict=False)
+    block = model.decoder.blocks[0]
+    norms = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+    for m in block.modules():
+        if isinstance(m, torch.nn.Conv2d):  # kaiming_uniform_, fan_in
+            bound = (6 / m.weight[0].numel()) ** 0.5
+            assert m.weight.abs().max() <= bound and m.weight.std() > bound / 4

@@ -158,3 +158,41 @@ def test_encoder_families_initialise_like_their_libraries(name):
             expected = 1 / math.sqrt(w[0].numel()) / math.sqrt(3)
         assert abs(float(w.std()) / expected - 1) < 0.15
         assert w.is_contiguous(memory_format=torch.channels_last)
+
+
+class _WithDerivedBuffer(nn.Module):
+    """A conv (in its state dict) and a non-persistent buffer set by ``nn.init`` (not in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.register_buffer("scale", nn.init.ones_(torch.empty(8)), persistent=False)
+
+
+def test_skip_fills_draws_nothing_and_replays_what_the_load_does_not_cover():
+    source = _WithDerivedBuffer().state_dict()
+    rng = torch.get_rng_state()
+    with init.skip_fills() as skipped:
+        m = _WithDerivedBuffer()
+        plan = init.InitPlan()
+        plan.normal_(m.conv.weight, 0.0, 1.0)
+        plan.run()
+    assert torch.equal(torch.get_rng_state(), rng)  # neither nn.init nor the plan drew a value
+    assert len(skipped) == 4  # conv weight + bias (nn.init), the buffer, the plan's fill
+    m.load_state_dict(source, strict=True)
+    skipped.run_uncovered(m)
+    assert torch.equal(m.scale, torch.ones(8))  # replayed: the load does not hold it
+    assert torch.equal(m.conv.weight, source["conv.weight"])  # not redrawn over the loaded values
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(skipped) == 0
+    # Outside the context everything initialises as usual again.
+    assert not torch.equal(nn.Conv2d(3, 8, 3).weight, nn.Conv2d(3, 8, 3).weight)
+
+
+def test_skip_fills_inside_deferred_init_also_skips_the_replayed_calls():
+    rng = torch.get_rng_state()
+    with init.skip_fills() as skipped:
+        with init.deferred_init(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)), (nn.Linear,)):
+            pass  # nn.Linear is claimed but left alone; the conv's calls are replayed -> skipped
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(skipped) == 2

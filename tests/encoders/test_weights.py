@@ -170,3 +170,40 @@ def test_fake_hf_hub_cache_offline(reference_weights, tmp_path, monkeypatch):
         _weights.WeightsUnavailableError, match="(?s)smp-hub/missing.*huggingface-cli download"
     ):
         _weights.fetch_setting({"repo_id": "smp-hub/missing", "revision": revision})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet-b0"])
+def test_pretrained_build_draws_no_random_values_and_loads_exactly(name):
+    """The load overwrites every tensor, so the build skips its random fills (and consumes no RNG)."""
+    torch.manual_seed(0)
+    reference = get_encoder(name).eval()
+    weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    rng = torch.get_rng_state()
+    loaded = get_encoder(name, weights=weights).eval()
+    assert torch.equal(torch.get_rng_state(), rng)
+    state = loaded.state_dict()
+    assert state.keys() == weights.keys()
+    assert all(torch.equal(state[k], v) for k, v in weights.items())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), reference(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A second build without weights still draws (and differs from the first).
+    assert not torch.equal(get_encoder(name).state_dict()[next(iter(weights))], next(iter(weights.values())))
+
+
+def test_encoder_registered_by_hand_is_still_initialised_before_its_load(reference_weights):
+    """Only our own families skip the fills: a user's class may derive values from its init."""
+
+    class Derived(type(get_encoder("resnet18"))):
+        pass
+
+    Derived.__module__ = "user_code"
+    smp.encoders.encoders["user_resnet18"] = {**smp.encoders.encoders["resnet18"], "encoder": Derived}
+    try:
+        rng = torch.get_rng_state()
+        encoder = get_encoder("user_resnet18", weights=dict(reference_weights))
+        assert not torch.equal(torch.get_rng_state(), rng)  # built with its random init, then loaded
+        assert _same(encoder, reference_weights)
+    finally:
+        del smp.encoders.encoders["user_resnet18"]
