@@ -7,7 +7,12 @@ Modes:
     import   time of ``import segmentation_models_pytorch`` on top of ``import torch``.
     peak     the machine's fp32 matmul throughput (GFLOP/s), for "% of peak" context.
     infer    build time, then eval latency, then (ours only, when asked) the fast path in fp32 and
-             bf16. One process serves them all: each is timed after its own warm-up.
+             bf16. One process serves them all: each is timed after its own warm-up. With
+             ``--pretrained`` also the build with ``encoder_weights="imagenet"`` read from the
+             (offline) Hugging Face cache that ``hf-weights`` wrote.
+    hf-weights
+             write random weights for ``--encoder`` into the Hugging Face cache (``$HF_HUB_CACHE``)
+             under its registry repo and revision, as if downloaded; both libraries then find them.
     train    train-step latency (forward + backward + SGD step) and peak RSS. Alone in its process,
              so the peak is the training peak and nothing else. With ``--tensor-memory`` also the
              peak of live tensor bytes during one more step (see :func:`_peak_tensor_mb`).
@@ -156,9 +161,28 @@ def _throughput(torch, build, args, device, sync, out: dict) -> None:
             torch._dynamo.reset()
 
 
+def _write_hf_weights(torch, smp, encoder: str) -> None:
+    """Random ``encoder`` weights where ``hf_hub_download`` looks for its "imagenet" repo offline."""
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    setting = smp.encoders.encoders[encoder]["pretrained_settings"]["imagenet"]
+    repo = "models--" + setting["repo_id"].replace("/", "--")
+    snapshot = Path(os.environ["HF_HUB_CACHE"]) / repo / "snapshots" / setting["revision"]
+    if (snapshot / "model.safetensors").exists():
+        return
+    snapshot.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    state = smp.encoders.get_encoder(encoder).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text("{}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["import", "peak", "infer", "train", "throughput"])
+    p.add_argument("what", choices=["import", "peak", "infer", "train", "throughput", "hf-weights"])
     p.add_argument("--arch", default="Unet")
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--size", type=int, default=256)
@@ -169,6 +193,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tensor-memory", action="store_true", help="train: also the peak of live tensors")
+    p.add_argument("--pretrained", action="store_true", help="infer: also the build with weights")
     p.add_argument("--modes", default="eager,amp,compile", help="throughput: eager,amp,compile")
     p.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--iters", type=int, default=10, help="throughput: iterations per timed rep")
@@ -221,6 +246,10 @@ def main() -> None:
         _throughput(torch, build, args, device, sync, out)
         print(json.dumps(out))
         return
+    if args.what == "hf-weights":
+        _write_hf_weights(torch, smp, args.encoder)
+        print(json.dumps(out))
+        return
 
     torch.manual_seed(0)
 
@@ -237,6 +266,18 @@ def main() -> None:
             model = build()
             builds.append(time.perf_counter() - s)
         out["build_s"] = statistics.median(builds)
+        if args.pretrained:  # what `smp.Unet(encoder_name)` does by default: load ImageNet weights
+            del model
+            s = time.perf_counter()
+            model = cls(encoder_name=args.encoder, classes=2)
+            out["first_build_pretrained_s"] = time.perf_counter() - s  # + huggingface_hub import
+            builds = []
+            for _ in range(3):
+                del model
+                s = time.perf_counter()
+                model = cls(encoder_name=args.encoder, classes=2)
+                builds.append(time.perf_counter() - s)
+            out["build_pretrained_s"] = statistics.median(builds)
 
     model = model.to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)

@@ -50,6 +50,7 @@ FULL_ENCODERS = ["resnet34", "efficientnet-b0", "mobilenet_v2"]
 # (row label, result key, which side's key SMP is compared on, kind)
 TIME_ROWS = [
     ("build", "build_s", "build_s"),
+    ("build, pretrained", "build_pretrained_s", "build_pretrained_s"),
     ("eval", "eval_s", "eval_s"),
     ("train step", "train_s", "train_s"),
     ("fast path fp32", "fast_fp32_s", "eval_s"),
@@ -57,6 +58,7 @@ TIME_ROWS = [
 ]
 TARGETS = {  # row label -> (kind, threshold) from issue 7
     "build": ("speed", 1 / 0.8),
+    "build, pretrained": ("speed", 1 / 0.8),
     "eval": ("speed", 1.25),
     "train step": ("speed", 1.25),
     "fast path fp32": ("speed", 1.8),
@@ -139,6 +141,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Unet/FPN x resnet34 only")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--no-infer", action="store_true", help="train step and peak memory only")
+    p.add_argument(
+        "--no-pretrained", action="store_true", help="skip the build with (cached) ImageNet weights"
+    )
     p.add_argument("--fast", default="fp32,bf16", help="fast paths to time (ours): fp32,bf16 or ''")
     p.add_argument("--device", default="cpu")
     p.add_argument("--throughput", action="store_true", help="also images/s in eager/amp/compile modes")
@@ -167,7 +172,11 @@ def main() -> None:
         smp_path = os.pathsep.join([str(ensure_smp_package(SMP_PKG)), *extra_path])
         smp_side = (sys.executable, {**os.environ, "PYTHONPATH": smp_path})
     extra_env = dict(item.split("=", 1) for item in args.env)
+    # Pretrained builds read random stand-in weights from a local Hugging Face cache, offline: both
+    # libraries name the same hub repos and revisions, so the same files serve both.
+    hf_env = {"HF_HUB_CACHE": str(ROOT / ".bench" / "hf-cache"), "HF_HUB_OFFLINE": "1"}
     for env in (ours_env, smp_side[1]):
+        env.update(hf_env)
         env.update(extra_env)
     sides = {"ours": (sys.executable, ours_env), "smp": smp_side}
     common = [
@@ -225,9 +234,19 @@ def main() -> None:
     verdicts: Dict[str, List[bool]] = {label: [] for label in TARGETS}
     ratios: Dict[str, List[float]] = {label: [] for label in TARGETS}
     started = time.time()
+    with_weights = set()
+    if not (args.no_infer or args.no_pretrained):
+        for encoder in args.encoders:
+            made = run_worker(sys.executable, ours_env, ["hf-weights", "--encoder", encoder])
+            if "error" in made:
+                print(f"no pretrained build for {encoder}: {made['error']}", flush=True)
+            else:
+                with_weights.add(encoder)
     for arch in args.archs:
         for encoder in args.encoders:
             model = ["--arch", arch, "--encoder", encoder, *common]
+            if encoder in with_weights:
+                model.append("--pretrained")
             res: Dict[str, Dict[str, list]] = {
                 "infer": {s: [] for s in sides},
                 "train": {s: [] for s in sides},
@@ -302,7 +321,9 @@ def _model_rows(name: str, res, peak: float, verdicts, ratios) -> List[str]:
 
         def gflops(rs, t, key=key):
             f = median(rs, "flops")
-            return f"{f / t / 1e9:.0f} ({100 * f / t / 1e9 / peak:.0f}%)" if f and key != "build_s" else ""
+            if not f or key.startswith("build"):
+                return ""
+            return f"{f / t / 1e9:.0f} ({100 * f / t / 1e9 / peak:.0f}%)"
 
         ratio = s / o
         kind, threshold = TARGETS[label]

@@ -77,3 +77,22 @@ def test_throughput_rejects_unknown_modes():
     with pytest.raises(SystemExit, match="eager, amp or compile"):
         args = _throughput_args(modes="fast")
         worker._throughput(torch, _build, args, torch.device("cpu"), lambda: None, {})
+
+
+def test_hf_weights_make_the_default_pretrained_build_work_offline(tmp_path, monkeypatch):
+    """The bench's stand-in weights land where `smp.Unet(name)` (encoder_weights="imagenet") looks."""
+    from safetensors.torch import load_file
+
+    import segmentation_models_pytorch as smp
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path), raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    worker._write_hf_weights(torch, smp, "resnet18")
+    [path] = tmp_path.glob("models--smp-hub--resnet18.imagenet/snapshots/*/model.safetensors")
+    written = load_file(str(path))
+    model = smp.Unet("resnet18", classes=2)
+    state = model.encoder.state_dict()
+    assert state.keys() == written.keys()
+    assert all(torch.equal(state[k], v) for k, v in written.items())
