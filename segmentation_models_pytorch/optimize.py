@@ -311,8 +311,8 @@ def optimize_for_inference(
             the max relative difference exceeds 1e-4).
         fuse_activations: on CPU, run each convolution and the ReLU/ReLU6/SiLU/sigmoid that
             consumes its output as one oneDNN primitive (:class:`ConvAct`).
-        winograd: in float32, run dense 3x3 convolutions with at least 128 input channels as
-            Winograd F(4x4, 3x3) convolutions on CPU maps up to 64x64
+        winograd: in float32, run dense 3x3 convolutions with at least 128 input and output
+            channels as Winograd F(4x4, 3x3) convolutions on CPU maps up to 64x64
             (:mod:`~segmentation_models_pytorch.base.winograd`): 1.4-2.1x faster per layer, at
             about 1e-5 relative rounding per layer. Each converted convolution caches its
             transformed kernel on first use, 4x its weight's size (310-360 MB for most ResNet-34 models).
