@@ -212,24 +212,26 @@ def skip_fills() -> Iterator[SkippedFills]:
     resnet34 weights, for instance, would otherwise cost 21 M random draws that the load discards.
     """
     _install_wrappers()
-    previous = getattr(_DEFERRED, "skipped", None)
-    skipped = SkippedFills()
-    _DEFERRED.skipped = skipped
-    try:
+    with _thread_value("skipped", SkippedFills()) as skipped:
         yield skipped
-    finally:
-        _DEFERRED.skipped = previous
 
 
 @contextlib.contextmanager
 def drawn_fills() -> Iterator[None]:
     """Initialise as usual inside, even within :func:`skip_fills` (for code we cannot vouch for)."""
-    previous = getattr(_DEFERRED, "skipped", None)
-    _DEFERRED.skipped = None
-    try:
+    with _thread_value("skipped", None):
         yield
+
+
+@contextlib.contextmanager
+def _thread_value(name: str, value):
+    """Set ``_DEFERRED.<name>`` for this thread inside the context; restore it after."""
+    previous = getattr(_DEFERRED, name, None)
+    setattr(_DEFERRED, name, value)
+    try:
+        yield value
     finally:
-        _DEFERRED.skipped = previous
+        setattr(_DEFERRED, name, previous)
 
 
 def reset_norm(m: nn.Module, running_stats: bool = True) -> None:

@@ -196,3 +196,15 @@ def test_skip_fills_inside_deferred_init_also_skips_the_replayed_calls():
             pass  # nn.Linear is claimed but left alone; the conv's calls are replayed -> skipped
     assert torch.equal(torch.get_rng_state(), rng)
     assert len(skipped) == 2
+
+
+def test_drawn_fills_initialise_as_usual_inside_skip_fills():
+    with init.skip_fills() as skipped:
+        with init.drawn_fills():
+            rng = torch.get_rng_state()
+            conv = nn.Conv2d(3, 8, 3)
+            assert not torch.equal(torch.get_rng_state(), rng)  # drawn at once
+        nn.Conv2d(3, 8, 3)  # skipped again after the inner block
+    assert len(skipped) == 2
+    bound = 1 / math.sqrt(27)
+    assert conv.weight.abs().max() <= bound and conv.weight.std() > bound / 4
