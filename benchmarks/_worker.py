@@ -161,6 +161,21 @@ def _throughput(torch, build, args, device, sync, out: dict) -> None:
             torch._dynamo.reset()
 
 
+def _timed_builds(make, rebuilds: int):
+    """``(model, seconds of the first make(), median seconds of `rebuilds` more or None)``; each
+    rebuild frees the previous model first, and the last one built is returned."""
+    s = time.perf_counter()
+    model = make()
+    first = time.perf_counter() - s
+    times = []
+    for _ in range(rebuilds):
+        del model
+        s = time.perf_counter()
+        model = make()
+        times.append(time.perf_counter() - s)
+    return model, first, statistics.median(times) if times else None
+
+
 def _write_hf_weights(torch, smp, encoder: str) -> None:
     """Random ``encoder`` weights where ``hf_hub_download`` looks for its "imagenet" repo offline."""
     import os
@@ -253,32 +268,18 @@ def main() -> None:
 
     torch.manual_seed(0)
 
-    s = time.perf_counter()
-    model = build()
     # The first build also pays for importing the encoder's backend (torchvision, timm...), which SMP
     # pays at `import` time instead; the later builds measure construction alone.
-    out["first_build_s"] = time.perf_counter() - s
+    model, out["first_build_s"], build_s = _timed_builds(build, 3 if args.what == "infer" else 0)
     if args.what == "infer":
-        builds = []
-        for _ in range(3):
-            del model
-            s = time.perf_counter()
-            model = build()
-            builds.append(time.perf_counter() - s)
-        out["build_s"] = statistics.median(builds)
+        out["build_s"] = build_s
         if args.pretrained:  # what `smp.Unet(encoder_name)` does by default: load ImageNet weights
-            # Built aside: eval and the fast paths below keep timing the seeded random model.
-            s = time.perf_counter()
-            other = cls(encoder_name=args.encoder, classes=2)
-            out["first_build_pretrained_s"] = time.perf_counter() - s  # + huggingface_hub import
-            builds = []
-            for _ in range(3):
-                del other
-                s = time.perf_counter()
-                other = cls(encoder_name=args.encoder, classes=2)
-                builds.append(time.perf_counter() - s)
+            # Built aside: eval and the fast paths below keep timing the seeded random model. The
+            # first of these builds also pays for importing huggingface_hub.
+            other, out["first_build_pretrained_s"], out["build_pretrained_s"] = _timed_builds(
+                lambda: cls(encoder_name=args.encoder, classes=2), 3
+            )
             del other
-            out["build_pretrained_s"] = statistics.median(builds)
 
     model = model.to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)

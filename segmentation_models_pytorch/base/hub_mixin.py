@@ -485,8 +485,7 @@ class SMPHubMixin:
         # The checkpoint overwrites (nearly) every tensor: build without drawing random values and
         # initialise afterwards only what it did not load (a new head with strict=False...). Our own
         # classes only: a subclass written by a user is built as it always was.
-        own = cls.__module__.startswith("segmentation_models_pytorch.")
-        with init.skip_fills() if own else contextlib.nullcontext() as skipped:
+        with init.skip_fills() if init.is_own(cls) else contextlib.nullcontext() as skipped:
             model = cls(**kwargs)
         loaded = _load_into(model, state, strict=strict, source=repr(model_id))  # type: ignore[arg-type]
         if skipped is not None:

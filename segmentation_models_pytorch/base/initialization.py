@@ -118,12 +118,8 @@ def _make_deferrable(name: str) -> None:
         if log is not None:
             log.append((tensor, original, args, kwargs))
             return tensor
-        skipped = getattr(_DEFERRED, "skipped", None)
-        if skipped is not None:
-            skipped.add(tensor, functools.partial(original, tensor, *args, **kwargs))
-            return tensor
         # every other thread, and this one outside deferred_init() / skip_fills(): unchanged
-        return original(tensor, *args, **kwargs)
+        return _init_or_skip(tensor, original, args, kwargs)
 
     init_function._smp_deferrable = True  # type: ignore[attr-defined]
     setattr(nn.init, name, init_function)
@@ -156,13 +152,24 @@ def deferred_init(module_fn: Callable[[], nn.Module], initialised: Tuple[type, .
         for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
     }
     alive = {id(t) for t in [*module.parameters(), *module.buffers()]}
-    skipped = getattr(_DEFERRED, "skipped", None)
     for tensor, original, args, kwargs in log:
         if id(tensor) in alive and id(tensor) not in covered:
-            if skipped is not None:
-                skipped.add(tensor, functools.partial(original, tensor, *args, **kwargs))
-            else:
-                original(tensor, *args, **kwargs)
+            _init_or_skip(tensor, original, args, kwargs)
+
+
+def _init_or_skip(tensor: torch.Tensor, original: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run one ``torch.nn.init`` call now, or, inside :func:`skip_fills`, leave it for later."""
+    skipped = getattr(_DEFERRED, "skipped", None)
+    if skipped is None:
+        return original(tensor, *args, **kwargs)
+    skipped.add(tensor, functools.partial(original, tensor, *args, **kwargs))
+    return tensor
+
+
+def is_own(cls: type) -> bool:
+    """Whether ``cls`` is defined in this library: only such constructors may be built under
+    :func:`skip_fills`, since we know they derive nothing else from their initial values."""
+    return getattr(cls, "__module__", "").startswith("segmentation_models_pytorch.")
 
 
 def _install_wrappers() -> None:

@@ -163,10 +163,14 @@ def get_encoder(
     # constructors derive nothing else from those values: an encoder registered by hand is built
     # with its usual initialisation, even inside an outer skip_fills() (from_pretrained).
     state_dict, source = _resolve_weights(name, entry, weights)
-    own = getattr(cls, "__module__", "").startswith(__name__ + ".")
-    with init.skip_fills() if own and state_dict is not None else contextlib.nullcontext() as skipped:
-        with contextlib.nullcontext() if own else init.drawn_fills():
-            encoder = cls(**params)
+    if not init.is_own(cls):
+        building = init.drawn_fills()  # yields None: nothing skipped
+    elif state_dict is not None:
+        building = init.skip_fills()
+    else:
+        building = contextlib.nullcontext()
+    with building as skipped:
+        encoder = cls(**params)
     if state_dict is not None:
         _weights.load_into(encoder, state_dict, source)
     if skipped is not None:
