@@ -8,7 +8,7 @@ on this list, on ``out_channels`` and on the capability attributes below — nev
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -104,6 +104,25 @@ class EncoderMixin:
             for module in modules:
                 _utils.replace_strides_with_dilation(module, rate)
         self._output_stride = output_stride
+
+
+def load_state_dict_without_head(
+    self: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+):
+    """``load_state_dict`` for an encoder: a whole ImageNet checkpoint loads, as in SMP.
+
+    The keys of the original classifier (the class's ``_ignored_weight_prefixes``) are dropped, and
+    old key names are renamed first where the class has a ``convert_state_dict`` (DenseNet). Encoder
+    classes use it as ``load_state_dict = load_state_dict_without_head``; ``_weights.load_into``
+    relies on it doing nothing else.
+    """
+    convert = getattr(self, "convert_state_dict", None)
+    if callable(convert):
+        state_dict = convert(dict(state_dict))
+    prefixes = tuple(getattr(self, "_ignored_weight_prefixes", ()))
+    if prefixes:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
 
 def check_features(encoder: nn.Module, features: List[torch.Tensor]) -> None:

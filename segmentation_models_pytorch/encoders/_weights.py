@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
+from torch import nn
 
 StateDict = Dict[str, torch.Tensor]
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -262,4 +263,51 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], s
         raise ValueError(
             f"Weights from {source} do not fit {type(module).__name__}: " + "; ".join(parts)
         )
-    module.load_state_dict(state_dict, strict=True)
+    if _copies_plainly(module) and all(type(v) is torch.Tensor for v in state_dict.values()):
+        # What load_state_dict would do, without its walk that filters the whole dict once per
+        # module (efficientnet-b0: 1.0 instead of 5.3 ms).
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state_dict[key])
+    else:
+        module.load_state_dict(state_dict, strict=True)
+
+
+def _copies_plainly(module: torch.nn.Module) -> bool:
+    """Whether ``module.load_state_dict(sd, strict=True)``, for an ``sd`` with exactly the keys and
+    shapes of ``module.state_dict()``, would only copy each entry into the tensor of its key.
+
+    True when no module in the tree has load or state-dict hooks or its own loading/saving code
+    (``BatchNorm``'s ``_load_from_state_dict`` only fills in a missing ``num_batches_tracked``), the
+    top-level ``load_state_dict`` is torch's or :func:`load_state_dict_without_head` (which drops
+    only what :func:`load_into` already dropped), no tensor is on the meta device and tensors are
+    not swapped on load (``torch.__future__``).
+    """
+    from ._base import load_state_dict_without_head
+
+    if torch.__future__.get_swap_module_params_on_conversion():
+        return False
+    loader = getattr(module.load_state_dict, "__func__", None)  # None: set on the instance
+    if loader not in (nn.Module.load_state_dict, load_state_dict_without_head):
+        return False
+    for m in module.modules():
+        cls = type(m)
+        if (
+            cls._load_from_state_dict not in _PLAIN_LOADERS
+            or cls._save_to_state_dict is not nn.Module._save_to_state_dict
+            or cls.state_dict is not nn.Module.state_dict
+            or m._load_state_dict_pre_hooks
+            or m._load_state_dict_post_hooks
+            or m._state_dict_hooks
+            or m._state_dict_pre_hooks
+        ):
+            return False
+        if any(t is not None and t.is_meta for t in (*m._parameters.values(), *m._buffers.values())):
+            return False
+    return True
+
+
+_PLAIN_LOADERS = (
+    nn.Module._load_from_state_dict,
+    nn.modules.batchnorm._NormBase._load_from_state_dict,
+)

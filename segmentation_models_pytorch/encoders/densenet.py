@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import hub
 
 # Old torchvision checkpoints name dense-layer modules "norm.1", "conv.2"...; current ones "norm1".
@@ -94,15 +94,7 @@ class DenseNetEncoder(nn.Module, EncoderMixin):
         """Rename legacy torchvision keys (``denselayer1.norm.1``) to current ones (``norm1``)."""
         return {_LEGACY_KEY.sub(r"\1\2.", k): v for k, v in state_dict.items()}
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; legacy key names are converted and classifier keys dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {
-            k: v for k, v in self.convert_state_dict(state_dict).items() if not k.startswith(prefixes)
-        }
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
 
 # name -> (out_channels, num_init_features, growth_rate, block_config, smp-hub revision)

@@ -8,14 +8,14 @@ pair concatenated and passed through a ReLU, the deepest one is the network's fi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._pretrainedmodels import backend
 from ._registry import hub
 
@@ -91,13 +91,7 @@ class DPNEncoder(nn.Module, EncoderMixin):
             features.append(self.features[s[2] : s[3]](pair))
         return features
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
 
 # DPN weights were trained on RGB in [0, 1] normalised with these (pretrainedmodels' settings).

@@ -9,7 +9,7 @@ TorchScript can compile (the package's reads a namedtuple attribute) and a plain
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torch import nn
 from ..base import modules as md
 from ..base import recompute, small_conv
 from ..base.initialization import DEFAULT_INIT_TYPES, default_init, deferred_init
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import HALF, IMAGENET, hub
 
 
@@ -230,13 +230,7 @@ class EfficientNetEncoder(nn.Module, EncoderMixin):
         self._out_channels = list(out_channels)
         self._output_stride = output_stride
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys (if present) are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
     @torch.jit.unused  # TorchScript calls the norm layer itself
     def _norm(self, name: str, x: torch.Tensor, in_place: bool) -> torch.Tensor:

@@ -7,13 +7,13 @@ resolution. Down-sampling mixes pooling and convolution branches, so it cannot b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._pretrainedmodels import backend, pad_for_halving
 from ._registry import HALF, hub
 
@@ -74,13 +74,7 @@ class InceptionV4Encoder(nn.Module, EncoderMixin):
                     features.append(x)
         return features
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
 
 # Both weight sets expect RGB in [0, 1] normalised to [-1, 1] (pretrainedmodels' settings).

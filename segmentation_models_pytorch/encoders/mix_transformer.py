@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import hub
 
 
@@ -321,13 +321,7 @@ class MixVisionTransformerEncoder(MixVisionTransformer, EncoderMixin):
         self._out_channels = list(out_channels)
         self._output_stride = output_stride
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys (if present) are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
     def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
         return {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..base import recompute, small_conv
 from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import hub
 
 
@@ -80,11 +80,7 @@ class MobileNetV2Encoder(nn.Module, EncoderMixin):
                     features.append(x)
         return features
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load weights; torchvision's classifier keys are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
 
 def _chained_inverted_residual(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

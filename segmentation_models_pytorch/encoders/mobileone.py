@@ -11,14 +11,14 @@ with the same outputs in eval mode. Parameter names follow SMP 0.6.0 so its chec
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _utils
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import hub
 
 __all__ = ["MobileOne", "MobileOneBlock", "SEBlock", "reparameterize_model"]
@@ -275,13 +275,7 @@ class MobileOne(nn.Module, EncoderMixin):
             self.cur_layer_idx += 1
         return nn.Sequential(*layers)
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys (if present) are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
     def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
         return {16: [self.stage3], 32: [self.stage4]}

@@ -12,7 +12,7 @@ from ..base import modules as md
 from ..base import recompute
 from ..base.initialization import TORCHVISION_INIT_TYPES, deferred_init, torchvision_init
 from ..base.small_conv import conv_for_training
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import hub
 
 
@@ -78,10 +78,7 @@ class ResNetEncoder(nn.Module, EncoderMixin):
     def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
         return {16: [self.layer3], 32: [self.layer4]}
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load weights; torchvision classifier keys (``fc.*``) are ignored, as in SMP."""
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(self._ignored_weight_prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if not torch.jit.is_scripting():

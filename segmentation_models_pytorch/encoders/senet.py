@@ -7,13 +7,13 @@ The backbone comes from the ``pretrainedmodels`` package, imported only when an 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._pretrainedmodels import backend
 from ._registry import hub
 
@@ -95,13 +95,7 @@ class SENetEncoder(nn.Module, EncoderMixin):
             features.append(x)
         return features
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
 
 # SE-ResNet / SE-ResNeXt share a 7x7 stem and 1x1 down-sampling convolutions.

@@ -8,12 +8,12 @@ is what their checkpoints were converted for. timm is imported only when one is 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import HALF, IMAGENET, hub
 
 # EfficientNet-B0 stages in timm's block-string notation (type_repeats_kernel_stride_expand_chs[_se]).
@@ -118,13 +118,7 @@ class EfficientNetBaseEncoder(nn.Module, EncoderMixin):
         self._out_channels = list(out_channels)
         self._output_stride = output_stride
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys (if present) are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
     def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
         i = self._stage_idxs

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import hub
 
 
@@ -59,13 +59,7 @@ class SkNetEncoder(nn.Module, EncoderMixin):
         self._out_channels = list(out_channels)
         self._output_stride = output_stride
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; the original classifier's keys (if present) are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
     def get_stages(self) -> Dict[int, Sequence[nn.Module]]:
         return {16: [self.layer3], 32: [self.layer4]}

@@ -7,13 +7,13 @@ down-samples with max pooling only, so it cannot be dilated. Unet adds a center 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import EncoderMixin
+from ._base import EncoderMixin, load_state_dict_without_head
 from ._registry import IMAGENET, hub
 
 # torchvision's layer configurations: ints are 3x3 convolutions, "M" a 2x2 max pooling.
@@ -116,13 +116,7 @@ class VGGEncoder(nn.Module, EncoderMixin):
                     features.append(x)
         return features
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Load weights; torchvision's classifier keys are dropped, as SMP does."""
-        prefixes = self._ignored_weight_prefixes
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    load_state_dict = load_state_dict_without_head
 
 
 # name -> (config, batch_norm, smp-hub revision, torchvision checkpoint file)

@@ -207,3 +207,56 @@ def test_encoder_registered_by_hand_is_still_initialised_before_its_load(referen
         assert _same(encoder, reference_weights)
     finally:
         del smp.encoders.encoders["user_resnet18"]
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "efficientnet-b0", "timm-efficientnet-b0", "mobileone_s0", "mit_b0", "densenet121"]
+)
+def test_load_into_copies_straight_into_the_tensors(name, monkeypatch):
+    """A checked, complete state dict is copied tensor by tensor, without torch's per-module walk,
+    and gives exactly what load_state_dict gives (dtype conversion and BatchNorm counters too)."""
+    torch.manual_seed(0)
+    reference = get_encoder(name)
+    weights = {k: v.double() if v.is_floating_point() else v + 3 for k, v in reference.state_dict().items()}
+    weights["extra.classifier.weight"] = torch.zeros(1)  # dropped by _ignored_weight_prefixes below
+    monkeypatch.setattr(type(reference), "_ignored_weight_prefixes", ("extra.",), raising=False)
+    expected = get_encoder(name)
+    expected.load_state_dict(weights)
+
+    target = get_encoder(name)
+    assert _weights._copies_plainly(target)
+
+    def walk(*args, **kwargs):
+        raise AssertionError("torch's load_state_dict ran")
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", walk)
+    _weights.load_into(target, weights, "test")
+    got, want = target.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_load_into_keeps_load_state_dict_where_modules_customise_loading(reference_weights):
+    """Hooks or a module's own _load_from_state_dict still run: they may rename or transform."""
+    encoder = get_encoder("resnet18")
+    seen = []
+    encoder.layer1.register_load_state_dict_pre_hook(lambda *args, **kwargs: seen.append(args[2]))
+    assert not _weights._copies_plainly(encoder)
+    _weights.load_into(encoder, reference_weights, "test")
+    assert seen == ["layer1."] and _same(encoder, reference_weights)
+
+    class Doubling(torch.nn.BatchNorm2d):
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"] * 2
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+    encoder = get_encoder("resnet18")
+    encoder.bn1.__class__ = Doubling
+    assert not _weights._copies_plainly(encoder)
+    _weights.load_into(encoder, reference_weights, "test")
+    assert torch.equal(encoder.bn1.weight, reference_weights["bn1.weight"] * 2)
+
+    encoder = get_encoder("resnet18")
+    encoder.load_state_dict = lambda *args, **kwargs: seen.append("own load_state_dict")
+    assert not _weights._copies_plainly(encoder)
