@@ -265,7 +265,7 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], s
         )
     if _copies_plainly(module) and all(type(v) is torch.Tensor for v in state_dict.values()):
         # What load_state_dict would do, without its walk that filters the whole dict once per
-        # module (efficientnet-b0: 1.0 instead of 5.3 ms).
+        # module (efficientnet-b0: these copies take 0.9 ms, load_state_dict 5.3 ms).
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state_dict[key])
