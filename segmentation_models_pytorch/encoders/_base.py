@@ -106,23 +106,28 @@ class EncoderMixin:
         self._output_stride = output_stride
 
 
+def strip_head(module: nn.Module, state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` with the keys ``module`` holds: old key names renamed first where its class
+    has a ``convert_state_dict`` (DenseNet), the original classifier's keys (the class's
+    ``_ignored_weight_prefixes``) dropped. The caller's mapping is not modified."""
+    convert = getattr(module, "convert_state_dict", None)
+    state_dict = convert(dict(state_dict)) if callable(convert) else dict(state_dict)
+    prefixes = tuple(getattr(module, "_ignored_weight_prefixes", ()))
+    if prefixes:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+    return state_dict
+
+
 def load_state_dict_without_head(
     self: nn.Module, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
 ):
     """``load_state_dict`` for an encoder: a whole ImageNet checkpoint loads, as in SMP.
 
-    The keys of the original classifier (the class's ``_ignored_weight_prefixes``) are dropped, and
-    old key names are renamed first where the class has a ``convert_state_dict`` (DenseNet). Encoder
-    classes use it as ``load_state_dict = load_state_dict_without_head``; ``_weights.load_into``
-    relies on it doing nothing else.
+    Encoder classes use it as ``load_state_dict = load_state_dict_without_head``. It loads
+    :func:`strip_head` of the checkpoint and does nothing else, which ``_weights.load_into``
+    relies on (it strips the same keys itself).
     """
-    convert = getattr(self, "convert_state_dict", None)
-    if callable(convert):
-        state_dict = convert(dict(state_dict))
-    prefixes = tuple(getattr(self, "_ignored_weight_prefixes", ()))
-    if prefixes:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
-    return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
+    return nn.Module.load_state_dict(self, strip_head(self, state_dict), strict=strict, assign=assign)
 
 
 def check_features(encoder: nn.Module, features: List[torch.Tensor]) -> None:

@@ -26,6 +26,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from ._base import load_state_dict_without_head, strip_head
+
 StateDict = Dict[str, torch.Tensor]
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -235,11 +237,7 @@ def fetch_setting(setting: Mapping[str, Any], progress: bool = True) -> StateDic
 
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Strictly load ``state_dict``; on mismatch, an error that names the offending keys."""
-    convert = getattr(module, "convert_state_dict", None)  # e.g. old torchvision DenseNet key names
-    if callable(convert):
-        state_dict = convert(dict(state_dict))
-    ignored = tuple(getattr(module, "_ignored_weight_prefixes", ()))
-    state_dict = {k: v for k, v in state_dict.items() if not (ignored and k.startswith(ignored))}
+    state_dict = strip_head(module, state_dict)  # e.g. old DenseNet key names, classifier keys
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -283,8 +281,6 @@ def _copies_plainly(module: torch.nn.Module) -> bool:
     only what :func:`load_into` already dropped), no tensor is on the meta device and tensors are
     not swapped on load (``torch.__future__``).
     """
-    from ._base import load_state_dict_without_head
-
     if torch.__future__.get_swap_module_params_on_conversion():
         return False
     loader = getattr(module.load_state_dict, "__func__", None)  # None: set on the instance
