@@ -6,6 +6,7 @@ heads, initialises them, checks and pads inputs, and runs encoder -> decoder -> 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -73,7 +74,7 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     models have 5-D weights, which ``Module.to`` rejects).
     """
     with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
+        for tensor in init.tensors_of(module):
             if tensor.dim() == 4 and not tensor.is_contiguous(memory_format=torch.channels_last):
                 tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
     return module
@@ -133,11 +134,13 @@ class SegmentationModel(nn.Module, SMPHubMixin):
         **kwargs: Any,
     ) -> nn.Module:
         """Create ``self.encoder`` through the registry and return it."""
-        from ..encoders import get_encoder
+        from ..encoders import _weights, get_encoder
 
-        self.encoder = get_encoder(
-            encoder_name, in_channels=in_channels, depth=encoder_depth, weights=encoder_weights, **kwargs
-        )
+        # Pretrained weights are copied straight into the layout the model converts to after the build.
+        with _weights.loading_channels_last() if self.channels_last else contextlib.nullcontext():
+            self.encoder = get_encoder(
+                encoder_name, in_channels=in_channels, depth=encoder_depth, weights=encoder_weights, **kwargs
+            )
         return self.encoder
 
     def build_decoder(self, decoder_cls: Callable[..., nn.Module], *args: Any, **kwargs: Any) -> nn.Module:

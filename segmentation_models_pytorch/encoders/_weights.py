@@ -14,14 +14,16 @@ show a progress bar and honour ``HF_HUB_OFFLINE``. Pickled files are read with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -235,10 +237,26 @@ def fetch_setting(setting: Mapping[str, Any], progress: bool = True) -> StateDic
     )
 
 
+_LAYOUT = threading.local()
+
+
+@contextlib.contextmanager
+def loading_channels_last() -> Iterator[None]:
+    """Inside, in this thread only, :func:`load_into` leaves the 4-D tensors it copies into in
+    ``channels_last``: for a model that converts its weights to that layout right after the build
+    anyway, one copy per weight instead of two (Unet-resnet34: 21 M values)."""
+    previous = getattr(_LAYOUT, "channels_last", False)
+    _LAYOUT.channels_last = True
+    try:
+        yield
+    finally:
+        _LAYOUT.channels_last = previous
+
+
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Strictly load ``state_dict``; on mismatch, an error that names the offending keys."""
     state_dict = strip_head(module, state_dict)  # e.g. old DenseNet key names, classifier keys
-    own = module.state_dict()
+    own = module.state_dict(keep_vars=True)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = [
@@ -264,8 +282,11 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], s
     if _copies_plainly(module) and all(type(v) is torch.Tensor for v in state_dict.values()):
         # What load_state_dict would do, without its walk that filters the whole dict once per
         # module (efficientnet-b0: these copies take 0.9 ms, load_state_dict 5.3 ms).
+        cl = torch.channels_last if getattr(_LAYOUT, "channels_last", False) else None
         with torch.no_grad():
             for key, tensor in own.items():
+                if cl and tensor.dim() == 4 and not tensor.is_contiguous(memory_format=cl):
+                    tensor.data = torch.empty_like(tensor, memory_format=cl)  # every value is copied next
                 tensor.copy_(state_dict[key])
     else:
         module.load_state_dict(state_dict, strict=True)

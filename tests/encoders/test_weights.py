@@ -260,3 +260,31 @@ def test_load_into_keeps_load_state_dict_where_modules_customise_loading(referen
     encoder = get_encoder("resnet18")
     encoder.load_state_dict = lambda *args, **kwargs: seen.append("own load_state_dict")
     assert not _weights._copies_plainly(encoder)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-b0", "mobilenet_v2", "timm-efficientnet-b0"])
+def test_model_loads_pretrained_weights_straight_into_channels_last(name, monkeypatch):
+    """A model keeps its weights in channels_last: a pretrained encoder's load writes that layout
+    directly (one copy instead of two), with the same values, and the model's own conversion after
+    the build finds nothing left to convert in the encoder."""
+    from segmentation_models_pytorch.base import model as model_module
+
+    torch.manual_seed(0)
+    weights = {k: v.clone().contiguous() for k, v in get_encoder(name).state_dict().items()}
+    cl = torch.channels_last
+    left_over = []
+    convert = model_module.to_channels_last
+
+    def spy(module):
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            if key.startswith("encoder.") and tensor.dim() == 4 and not tensor.is_contiguous(memory_format=cl):
+                left_over.append(key)
+        return convert(module)
+
+    monkeypatch.setattr(model_module, "to_channels_last", spy)
+    model = smp.Unet(name, encoder_weights=weights, encoder_depth=3, decoder_channels=(16, 8, 4))
+    assert left_over == []
+    state = model.encoder.state_dict()
+    for k, v in weights.items():
+        assert torch.equal(state[k], v), k
+        assert v.dim() != 4 or state[k].is_contiguous(memory_format=cl), k
