@@ -226,24 +226,37 @@ class Conv2dReLU(ConvNormAct):
         super().__init__(conv, norm, act)
 
 
-_PLAIN = threading.local()
+class ThreadFlag:
+    """A switch that is on inside ``with flag.on():``, in the current thread only."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return getattr(self._local, "on", False)
+
+    @contextlib.contextmanager
+    def on(self) -> Iterator[None]:
+        before = bool(self)
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = before
 
 
-@contextlib.contextmanager
-def plain_module_calls() -> Iterator[None]:
+_PLAIN = ThreadFlag()
+
+
+def plain_module_calls() -> contextlib.AbstractContextManager:
     """Inside, blocks skip shortcuts that use a layer's weights without calling the layer (Unet's
     folded upsample+conv), so forward hooks see every layer's true input and output; used by
     :func:`~segmentation_models_pytorch.optimize_for_inference` to trace conv -> norm edges."""
-    before = getattr(_PLAIN, "on", False)
-    _PLAIN.on = True
-    try:
-        yield
-    finally:
-        _PLAIN.on = before
+    return _PLAIN.on()
 
 
 def plain_module_calls_active() -> bool:
-    return getattr(_PLAIN, "on", False)
+    return bool(_PLAIN)
 
 
 def conv_without_dead_taps(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:

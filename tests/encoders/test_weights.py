@@ -277,8 +277,9 @@ def test_model_loads_pretrained_weights_straight_into_channels_last(name, monkey
 
     def spy(module):
         for key, tensor in module.state_dict(keep_vars=True).items():
-            if key.startswith("encoder.") and tensor.dim() == 4 and not tensor.is_contiguous(memory_format=cl):
-                left_over.append(key)
+            if key.startswith("encoder.") and tensor.dim() == 4:
+                if not tensor.is_contiguous(memory_format=cl):
+                    left_over.append(key)
         return convert(module)
 
     monkeypatch.setattr(model_module, "to_channels_last", spy)
