@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ._thread_state import ThreadValue
 
 _NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d)
 
@@ -45,7 +46,7 @@ class InitPlan:
         jobs, self._jobs = self._jobs, []
         if not jobs:
             return
-        skipped = getattr(_DEFERRED, "skipped", None)
+        skipped = _SKIPPED.get()
         if skipped is not None:  # inside skip_fills(): a weight load overwrites these
             for job in jobs:
                 skipped.add(job[0], functools.partial(_fill, job, None))
@@ -99,8 +100,9 @@ def _run_now(plan: Optional[InitPlan], fn: Callable[[InitPlan], None]) -> None:
         plan.run()
 
 
-# Per thread: ``log`` (deferred_init's recorded calls) and ``skipped`` (skip_fills' SkippedFills).
-_DEFERRED = threading.local()
+# Per thread: deferred_init's recorded calls and skip_fills' SkippedFills.
+_LOG = ThreadValue()
+_SKIPPED = ThreadValue()
 _INIT_FUNCTIONS = (
     "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
     "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
@@ -114,7 +116,7 @@ def _make_deferrable(name: str) -> None:
 
     @functools.wraps(original)
     def init_function(tensor, *args, **kwargs):
-        log = getattr(_DEFERRED, "log", None)
+        log = _LOG.get()
         if log is not None:
             log.append((tensor, original, args, kwargs))
             return tensor
@@ -137,13 +139,8 @@ def deferred_init(module_fn: Callable[[], nn.Module], initialised: Tuple[type, .
     random fills of every weight twice (default init, then the real one).
     """
     _install_wrappers()
-    previous = getattr(_DEFERRED, "log", None)
-    log: list = []
-    _DEFERRED.log = log
-    try:
+    with _LOG.set([]) as log:
         module = module_fn()
-    finally:
-        _DEFERRED.log = previous
     yield module
     covered = {id(t) for m in module.modules() if isinstance(m, initialised) for t in tensors_of(m, False)}
     alive = {id(t) for t in tensors_of(module)}
@@ -172,7 +169,7 @@ def tensors_of(module: nn.Module, recurse: bool = True) -> List[torch.Tensor]:
 
 def _init_or_skip(tensor: torch.Tensor, original: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
     """Run one ``torch.nn.init`` call now, or, inside :func:`skip_fills`, leave it for later."""
-    skipped = getattr(_DEFERRED, "skipped", None)
+    skipped = _SKIPPED.get()
     if skipped is None:
         return original(tensor, *args, **kwargs)
     skipped.add(tensor, functools.partial(original, tensor, *args, **kwargs))
@@ -232,26 +229,15 @@ def skip_fills() -> Iterator[SkippedFills]:
     resnet34 weights, for instance, would otherwise cost 21 M random draws that the load discards.
     """
     _install_wrappers()
-    with _thread_value("skipped", SkippedFills()) as skipped:
+    with _SKIPPED.set(SkippedFills()) as skipped:
         yield skipped
 
 
 @contextlib.contextmanager
 def drawn_fills() -> Iterator[None]:
     """Initialise as usual inside, even within :func:`skip_fills` (for code we cannot vouch for)."""
-    with _thread_value("skipped", None):
+    with _SKIPPED.set(None):
         yield
-
-
-@contextlib.contextmanager
-def _thread_value(name: str, value):
-    """Set ``_DEFERRED.<name>`` for this thread inside the context; restore it after."""
-    previous = getattr(_DEFERRED, name, None)
-    setattr(_DEFERRED, name, value)
-    try:
-        yield value
-    finally:
-        setattr(_DEFERRED, name, previous)
 
 
 def reset_norm(m: nn.Module, running_stats: bool = True) -> None:

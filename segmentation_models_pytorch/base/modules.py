@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._thread_state import ThreadValue
 from .recompute import _plain_tensor
 
 NormSpec = Union[bool, str, Dict[str, Any]]
@@ -226,37 +226,18 @@ class Conv2dReLU(ConvNormAct):
         super().__init__(conv, norm, act)
 
 
-class ThreadFlag:
-    """A switch that is on inside ``with flag.on():``, in the current thread only."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def __bool__(self) -> bool:
-        return getattr(self._local, "on", False)
-
-    @contextlib.contextmanager
-    def on(self) -> Iterator[None]:
-        before = bool(self)
-        self._local.on = True
-        try:
-            yield
-        finally:
-            self._local.on = before
-
-
-_PLAIN = ThreadFlag()
+_PLAIN = ThreadValue(False)
 
 
 def plain_module_calls() -> contextlib.AbstractContextManager:
     """Inside, blocks skip shortcuts that use a layer's weights without calling the layer (Unet's
     folded upsample+conv), so forward hooks see every layer's true input and output; used by
     :func:`~segmentation_models_pytorch.optimize_for_inference` to trace conv -> norm edges."""
-    return _PLAIN.on()
+    return _PLAIN.set(True)
 
 
 def plain_module_calls_active() -> bool:
-    return bool(_PLAIN)
+    return _PLAIN.get()
 
 
 def conv_without_dead_taps(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:

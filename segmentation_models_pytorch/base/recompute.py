@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import weakref
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_state = threading.local()
+from ._thread_state import ThreadValue
+
+_ENABLED = ThreadValue(False)
 
 # Recomputation of the whitelisted elementwise modules (pure and deterministic): out of place, and
 # in place for a temporary that nothing else needs (saves allocating and first-touching a buffer).
@@ -50,15 +51,9 @@ HIGHER_ORDER_ERROR = (
 )
 
 
-@contextlib.contextmanager
-def recompute_scope(enabled: bool) -> Iterator[None]:
+def recompute_scope(enabled: bool) -> contextlib.AbstractContextManager:
     """Allow (or forbid) chains in this thread while the block runs; models wrap their forward."""
-    previous = getattr(_state, "enabled", False)
-    _state.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.enabled = previous
+    return _ENABLED.set(bool(enabled))
 
 
 def _compiling() -> bool:
@@ -73,7 +68,7 @@ def scope_active() -> bool:
     # Checked first: graph capture (compile/export) must not trace into the thread-local state.
     if _compiling() or torch.jit.is_tracing():
         return False
-    return getattr(_state, "enabled", False) and torch.is_grad_enabled()
+    return _ENABLED.get() and torch.is_grad_enabled()
 
 
 def _outer_hooks_active() -> bool:
